@@ -1,0 +1,31 @@
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+version = re.search(r'__version__ = "([^"]+)"', Path("splitlora_mpi/__init__.py").read_text()).group(1)
+
+setup(
+    name="splitlora_mpi",
+    version=version,
+    description="Split-federated LoRA fine-tuning of causal LMs over MPI (SplitLoRA)",
+    long_description=Path("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["splitlora_mpi", "splitlora_mpi.*"]),
+    package_data={"splitlora_mpi": ["default.yaml", "assets/e2e_sample/*"]},
+    install_requires=[
+        "torch>=2.4,<3",  # CPU machines: `pip install torch==2.13.0` first (see README)
+        "transformers>=5.0,<6",
+        "peft>=0.17",
+        "mpi4py>=4.0",
+        "mpich>=4.2",  # puts an mpirun beside python that runs as root and oversubscribes
+        "numpy>=1.26",
+        "pyyaml>=6.0",
+        "prometheus-client>=0.20",
+        "safetensors>=0.4",
+    ],
+    extras_require={"dev": ["pytest>=8"]},
+    entry_points={"console_scripts": ["splitlora-mpi=splitlora_mpi.cli:main"]},
+)

@@ -1,0 +1,56 @@
+"""The central baseline (CenLoRA): one rank, the whole model, all data.
+
+It is the split run with the wire taken out: the same two parts, sampler, optimizers,
+schedule and loss, so a split run with one client must match it step for step.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .config import JobConfig
+from .data import EncodedData, Sampler, make_batch
+from .model import SplitPart
+from .training import PartTrainer, eval_loss_sum, is_eval_step, server_update
+
+
+class Central:
+    def __init__(self, cfg: JobConfig, client_part: SplitPart, server_part: SplitPart,
+                 train: EncodedData, train_rows: list[int], val: EncodedData):
+        self.cfg = cfg
+        self.client = PartTrainer(client_part, cfg.train)
+        self.server = PartTrainer(server_part, cfg.train)
+        self.train = train
+        self.sampler = Sampler(train_rows, cfg.train.batch_size, cfg.run.seed, 0)
+        self.val = val
+        self.tokens = 0
+
+    def run(self, on_step: Callable[[int, float, int, float, float | None], None]) -> None:
+        t = self.cfg.train
+        for step in range(1, t.steps + 1):
+            lr = self.server.lr
+            loss, tokens = self.train_step()
+            val = self.evaluate() if is_eval_step(step, t) else None
+            on_step(step, loss, tokens, lr, val)
+
+    def train_step(self) -> tuple[float, int]:
+        batch = make_batch(self.train, self.sampler.next_indices())
+        h = self.client.part(batch.input_ids, batch.attention_mask)
+        loss, grad = server_update(self.server, h, batch.attention_mask, batch.labels, self.cfg.train.label_smoothing)
+        h.backward(grad)
+        self.client.step()
+        self.tokens += batch.tokens
+        return loss, batch.tokens
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        total, count = 0.0, 0
+        b = self.cfg.train.batch_size
+        for start in range(0, len(self.val), b):
+            batch = make_batch(self.val, list(range(start, min(start + b, len(self.val)))))
+            h = self.client.part(batch.input_ids, batch.attention_mask)
+            loss_sum, n = eval_loss_sum(self.server.part, h, batch.attention_mask, batch.labels)
+            total, count = total + loss_sum, count + n
+        return total / count

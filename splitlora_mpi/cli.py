@@ -1,0 +1,71 @@
+"""Command line: `python -m splitlora_mpi [--config F] [--set key.path=value ...] [--print-config]`.
+
+Exit codes: 0 done; 2 bad config / data / arguments (one line on rank 0, no traceback);
+1 any other failure (the communicator is aborted so no rank is left waiting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+from .config import ConfigError, load_config
+
+
+def launcher_rank() -> int:
+    """This process's rank as the launcher announces it (readable before MPI starts)."""
+    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, on rank 0 only
+        if launcher_rank() == 0:
+            print(f"error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = _Parser(prog="python -m splitlora_mpi", description="Split-federated LoRA fine-tuning over MPI.")
+    p.add_argument("--config", help="YAML config file (default: the packaged default.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override one config key; repeatable; values parse as YAML scalars")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rank = launcher_rank()
+    try:
+        cfg = load_config(args.config, args.set)
+        if args.print_config:
+            if rank == 0:
+                print(cfg.to_yaml(), end="")
+            return 0
+        from .runner import run
+
+        run(cfg)
+        return 0
+    except ConfigError as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception:  # noqa: BLE001 - report, then take every rank down
+        print(f"rank {rank}: error:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        _abort_world()
+        return 1
+
+
+def _abort_world() -> None:
+    if "mpi4py.MPI" in sys.modules:
+        from .protocol import abort, world_size
+
+        if world_size() > 1:
+            abort(1)

@@ -1,0 +1,263 @@
+"""The model split: a Hugging Face causal LM cut after `split.client_layers` blocks.
+
+Each side keeps the *same* HF model object with the other side's modules removed, so
+parameter names (and PEFT adapter keys) are exactly those of the whole model: the client
+and server adapters are disjoint subsets of one standard PEFT adapter. A side materialises
+only its own modules: the model is built on the meta device, pruned, then filled either by
+a per-module seeded init (identical to the whole model built the same way) or from only
+its tensors in the safetensors files. No MPI here.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.masking_utils import create_causal_mask
+
+from .config import ConfigError, JobConfig
+
+Role = Literal["client", "server", "full"]
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where a model family keeps its parts, under `model.base_model`."""
+
+    blocks: str
+    final_norm: str
+    client_only: tuple[str, ...]  # modules besides the input embedding that only the client needs
+    rotary: str | None = None
+
+
+GPT2 = Family(blocks="h", final_norm="ln_f", client_only=("wpe", "drop"))
+LLAMA = Family(blocks="layers", final_norm="norm", client_only=(), rotary="rotary_emb")
+FAMILIES = {"gpt2": GPT2, "llama": LLAMA, "qwen2": LLAMA, "mistral": LLAMA}
+
+
+def family_of(config: PretrainedConfig) -> Family:
+    if config.model_type not in FAMILIES:
+        raise ConfigError(f"model: model_type '{config.model_type}' is not supported; expected one of {', '.join(FAMILIES)}")
+    return FAMILIES[config.model_type]
+
+
+def hf_config(cfg: JobConfig, vocab_size: int, eos_id: int, pad_id: int) -> PretrainedConfig:
+    """The HF config of the base model: from `model.name_or_path`, else from `model.config`."""
+    if cfg.model.name_or_path is not None:
+        try:
+            return AutoConfig.from_pretrained(cfg.model.name_or_path)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"model.name_or_path: cannot load config of '{cfg.model.name_or_path}': {e}") from None
+    kwargs = dict(cfg.model.config)
+    model_type = kwargs.pop("model_type")
+    kwargs.setdefault("vocab_size", vocab_size)
+    kwargs.setdefault("eos_token_id", eos_id)
+    kwargs.setdefault("bos_token_id", eos_id)
+    kwargs.setdefault("pad_token_id", pad_id)
+    try:
+        return AutoConfig.for_model(model_type, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model.config: {e}") from None
+
+
+def num_blocks(config: PretrainedConfig) -> int:
+    return int(config.num_hidden_layers)
+
+
+# ---------------------------------------------------------------- building a side
+
+
+def build_base(cfg: JobConfig, config: PretrainedConfig, role: Role, device: torch.device) -> PreTrainedModel:
+    """The HF model holding only `role`'s modules (all of them for "full"), weights filled."""
+    n = num_blocks(config)
+    k = cfg.split.client_layers
+    if role != "full" and not 1 <= k < n:
+        raise ConfigError(f"config key 'split.client_layers': expected 1..{n - 1} (the model has {n} blocks), got {k}")
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(config)
+    tied = lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
+    _prune(lm, family_of(config), role, k, tied)
+    lm.to_empty(device=device)
+    if tied and role != "client":
+        lm.tie_weights()  # to_empty gave the head its own storage
+    _seeded_init(lm, cfg.run.seed, tied)
+    if cfg.model.name_or_path is not None:
+        _load_tensors(lm, cfg.model.name_or_path, tied)
+    return lm.to(getattr(torch, cfg.model.dtype))
+
+
+def _prune(lm: PreTrainedModel, fam: Family, role: Role, k: int, tied: bool) -> None:
+    """Drop the other side's modules; blocks become a ModuleDict keyed by their global index.
+    "full" stays a plain HF model (usable with its own forward, generate, save_pretrained)."""
+    if role == "full":
+        return
+    base = lm.base_model
+    blocks = getattr(base, fam.blocks)
+    keep = range(k) if role == "client" else range(k, len(blocks))
+    setattr(base, fam.blocks, nn.ModuleDict({str(i): blocks[i] for i in keep}))
+    if role == "client":
+        setattr(base, fam.final_norm, None)
+        lm.lm_head = None
+    elif role == "server":
+        for name in fam.client_only:
+            setattr(base, name, None)
+        if not tied:  # a tied head shares the embedding weight: keeping the module costs nothing
+            lm.set_input_embeddings(None)
+
+
+def _module_seed(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") % (2**63)
+
+
+def _post_order(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    for name, child in module.named_children():
+        yield from _post_order(child, f"{prefix}{name}.")
+    yield prefix.rstrip("."), module
+
+
+def _seeded_init(lm: PreTrainedModel, seed: int, tied: bool) -> None:
+    """HF's own init, applied module by module (children first, as HF does) with a seed per
+    module name: a side's weights equal the same modules of the whole model."""
+    head = lm.get_output_embeddings() if tied else None
+    for name, module in _post_order(lm):
+        if module is head:
+            continue  # its weight is the input embedding's
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_module_seed(seed, name))
+            lm._init_weights(module)
+
+
+def _load_tensors(lm: PreTrainedModel, name_or_path: str, tied: bool) -> None:
+    """Read only this side's tensors from the (possibly sharded) safetensors files."""
+    files = _safetensors_files(name_or_path)
+    key_to_file: dict[str, Path] = {}
+    for f in files:
+        with safe_open(str(f), "pt") as sf:
+            key_to_file.update({key: f for key in sf.keys()})
+    prefix = lm.base_model_prefix + "."
+    head = lm.get_output_embeddings()
+    wanted = dict(lm.named_parameters())
+    wanted.update({n: b for n, b in lm.named_buffers() if n in lm.state_dict()})
+    for name, tensor in wanted.items():
+        key = name if name in key_to_file else name.removeprefix(prefix)
+        if key not in key_to_file:
+            if tied and head is not None and tensor is head.weight:
+                continue
+            raise ConfigError(f"model.name_or_path: tensor '{name}' not found in {name_or_path}")
+        with safe_open(str(key_to_file[key]), "pt", device=str(tensor.device)) as sf:
+            with torch.no_grad():
+                tensor.copy_(sf.get_tensor(key))
+
+
+def _safetensors_files(name_or_path: str) -> list[Path]:
+    path = Path(name_or_path)
+    if not path.is_dir():
+        from huggingface_hub import snapshot_download  # only for hub ids
+
+        try:
+            path = Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors"]))
+        except Exception as e:  # noqa: BLE001 - any hub failure is a bad model argument here
+            raise ConfigError(f"model.name_or_path: cannot fetch '{name_or_path}': {e}") from None
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / s for s in shards]
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    raise ConfigError(f"model.name_or_path: no model.safetensors in {path}")
+
+
+# ---------------------------------------------------------------- one side with LoRA
+
+
+def peft_lora_config(cfg: JobConfig) -> PeftLoraConfig:
+    return PeftLoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+
+
+class SplitPart(nn.Module):
+    """One side of the cut with its LoRA adapter: client (embeddings + first blocks),
+    server (remaining blocks + final norm + LM head) or full (both, for evaluation)."""
+
+    def __init__(self, cfg: JobConfig, config: PretrainedConfig, role: Role, device: torch.device):
+        super().__init__()
+        self.role = role
+        self.family = family_of(config)
+        lm = build_base(cfg, config, role, device)
+        with torch.random.fork_rng(devices=[]):  # same LoRA init on every client and in central
+            torch.manual_seed(_module_seed(cfg.run.seed, f"lora:{role}"))
+            try:
+                self.peft: PeftModel = get_peft_model(lm, peft_lora_config(cfg))
+            except ValueError as e:
+                raise ConfigError(f"config key 'lora.target_modules': {e}") from None
+
+    @property
+    def lm(self) -> PreTrainedModel:
+        return self.peft.base_model.model
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """client: token ids -> cut-layer activations; server: activations -> logits."""
+        base = self.lm.base_model
+        pos = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
+        h = self._embed(base, x, pos) if self.role in ("client", "full") else x
+        mask = create_causal_mask(
+            config=self.lm.config, inputs_embeds=h, attention_mask=attention_mask, cache=None, position_ids=pos
+        )
+        extra = {}
+        if self.family.rotary:
+            extra["position_embeddings"] = getattr(base, self.family.rotary)(h, position_ids=pos)
+        blocks = getattr(base, self.family.blocks)
+        for block in blocks.values() if isinstance(blocks, nn.ModuleDict) else blocks:
+            h = block(h, attention_mask=mask, position_ids=pos, **extra)
+            h = h[0] if isinstance(h, tuple) else h
+        if self.role == "client":
+            return h
+        h = getattr(base, self.family.final_norm)(h)
+        return self.lm.get_output_embeddings()(h)
+
+    def _embed(self, base: nn.Module, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        h = base.get_input_embeddings()(ids)
+        if self.family is GPT2:
+            h = base.drop(h + base.wpe(pos))
+        return h
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """The adapter in PEFT's saved-key format: the one definition of "the adapter"."""
+        return get_peft_model_state_dict(self.peft)
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        result = set_peft_model_state_dict(self.peft, state)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise ValueError(f"adapter keys not in this model part: {unexpected[:3]}")
+
+
+def export_adapter(out: Path, part: SplitPart, state: dict[str, torch.Tensor], base_path: str) -> None:
+    """Write ONE standard PEFT adapter directory (client + server tensors)."""
+    out.mkdir(parents=True, exist_ok=True)
+    peft_cfg = copy.deepcopy(part.peft.peft_config["default"])
+    peft_cfg.base_model_name_or_path = base_path
+    peft_cfg.save_pretrained(str(out))
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})

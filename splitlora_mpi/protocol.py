@@ -1,0 +1,223 @@
+"""The wire: raw-buffer messages between server (rank 0) and clients, with deadlines.
+
+The only importer of mpi4py. A tensor message is a fixed 8 x int64 header (step, dtype,
+shape) followed by the tensor's bytes, sent as a contiguous buffer: no pickle on the hot
+path. Every phase has its own tags so a fast client's next message can never match a
+receive meant for another phase. Every wait polls with short sleeps and a deadline
+(`comm.timeout_s`): blocking MPI waits spin and burn a core, and never time out.
+Control objects (handshake, run statistics, export) are pickled: they are off the hot path.
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from .metrics import Traffic
+
+SERVER = 0
+HEADER_LEN = 8
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.int64]
+
+# phase tags: a message's tag is phase + kind offset
+TRAIN, EVAL, EXPORT, CONTROL = 100, 200, 300, 400
+_HEADER, _PAYLOAD = 0, 1
+
+
+class CommTimeout(RuntimeError):
+    """A peer did not answer within comm.timeout_s."""
+
+
+@dataclass
+class Message:
+    step: int
+    tensor: torch.Tensor
+
+
+def world_size() -> int:
+    return MPI.COMM_WORLD.Get_size()
+
+
+def world_rank() -> int:
+    return MPI.COMM_WORLD.Get_rank()
+
+
+def abort(code: int) -> None:
+    """Kill every rank: an uncaught error must never leave the others blocked."""
+    MPI.COMM_WORLD.Abort(code)
+
+
+class Transport:
+    """Counted, deadline-bounded point-to-point messages and the clients' Allreduce."""
+
+    def __init__(self, timeout_s: float, traffic: Traffic, device: torch.device = torch.device("cpu")):
+        self.comm = MPI.COMM_WORLD
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+        self.timeout_s = timeout_s
+        self.traffic = traffic
+        self.device = device
+        node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
+        self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
+        node.Free()
+        self._clients: MPI.Comm | None = None
+
+    # ------------------------------------------------------------ waiting
+
+    def _wait(self, requests: list[MPI.Request], what: str, peers: list[int]) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        spins = 0
+        while not MPI.Request.Testall(requests):
+            spins += 1
+            if spins > 50:
+                time.sleep(0.001)
+            if time.monotonic() > deadline:
+                pending = [p for p, r in zip(peers, requests) if not r.Test()]
+                raise CommTimeout(
+                    f"rank {self.rank}: no answer from rank(s) {sorted(set(pending))} within "
+                    f"comm.timeout_s={self.timeout_s:g} s while {what}"
+                )
+
+    def barrier(self, what: str) -> None:
+        """A barrier that sleeps instead of spinning, with a deadline."""
+        self._wait([self.comm.Ibarrier()], what, [-1])
+
+    # ------------------------------------------------------------ tensors
+
+    def send_tensors(self, phase: int, step: int, messages: dict[int, list[tuple[torch.Tensor, str]]]) -> None:
+        """Send each destination its tensors (each: header + raw bytes); wait until all are sent."""
+        requests: list[MPI.Request] = []
+        peers: list[int] = []
+        keep: list[np.ndarray] = []  # buffers must outlive the requests
+        for dest, tensors in messages.items():
+            for i, (tensor, kind) in enumerate(tensors):
+                header, payload = _header(step, tensor), _host_bytes(tensor)
+                keep += [header, payload]
+                tag = phase + 2 * i
+                requests.append(self.comm.Isend([header, MPI.INT64_T], dest, tag + _HEADER))
+                requests.append(self.comm.Isend([payload, MPI.BYTE], dest, tag + _PAYLOAD))
+                peers += [dest, dest]
+                self.traffic.sent(dest, "control", header.nbytes)
+                self.traffic.sent(dest, kind, payload.nbytes)
+        self._wait(requests, f"sending phase {phase} step {step}", peers)
+
+    def recv_tensors(
+        self, sources: list[int], phase: int, kinds: list[str]
+    ) -> dict[int, list[Message]]:
+        """Receive len(kinds) tensors from each source, in whatever order the sources send."""
+        headers = {(s, i): np.zeros(HEADER_LEN, dtype=np.int64) for s in sources for i in range(len(kinds))}
+        pending = {key: self.comm.Irecv([buf, MPI.INT64_T], key[0], phase + 2 * key[1] + _HEADER)
+                   for key, buf in headers.items()}
+        payloads: dict[tuple[int, int], tuple[MPI.Request, np.ndarray]] = {}
+        deadline = time.monotonic() + self.timeout_s
+        spins = 0
+        while pending or not all(req.Test() for req, _ in payloads.values()):
+            for key in [k for k, req in pending.items() if req.Test()]:
+                del pending[key]
+                nbytes = _nbytes(headers[key])
+                buf = np.empty(nbytes, dtype=np.uint8)
+                payloads[key] = (self.comm.Irecv([buf, MPI.BYTE], key[0], phase + 2 * key[1] + _PAYLOAD), buf)
+            spins += 1
+            if spins > 50:
+                time.sleep(0.001)
+            if time.monotonic() > deadline:
+                waiting = sorted({s for s, _ in pending} | {s for (s, _), (r, _) in payloads.items() if not r.Test()})
+                raise CommTimeout(
+                    f"rank {self.rank}: no answer from rank(s) {waiting} within comm.timeout_s={self.timeout_s:g} s "
+                    f"while receiving phase {phase}"
+                )
+        out: dict[int, list[Message]] = {s: [] for s in sources}
+        for (source, i), (_, buf) in sorted(payloads.items()):
+            header = headers[(source, i)]
+            self.traffic.received(source, "control", header.nbytes)
+            self.traffic.received(source, kinds[i], buf.nbytes)
+            out[source].append(Message(int(header[0]), self._tensor(header, buf)))
+        return out
+
+    def _tensor(self, header: np.ndarray, buf: np.ndarray) -> torch.Tensor:
+        dtype = DTYPES[int(header[1])]
+        shape = [int(d) for d in header[3 : 3 + int(header[2])]]
+        t = torch.from_numpy(buf).view(dtype).reshape(shape)
+        return t.to(self.device, non_blocking=True) if self.device.type != "cpu" else t
+
+    # ------------------------------------------------------------ control objects
+
+    def send_object(self, dest: int, phase: int, obj: Any, kind: str = "control") -> None:
+        data = np.frombuffer(pickle.dumps(obj), dtype=np.uint8)
+        self.traffic.sent(dest, kind, data.nbytes)
+        self._wait([self.comm.Isend([data, MPI.BYTE], dest, phase)], f"sending phase {phase} to rank {dest}", [dest])
+
+    def recv_objects(self, sources: list[int], phase: int, kind: str = "control") -> dict[int, Any]:
+        """Receive one pickled object from each source, probing (with a deadline) for its size."""
+        out: dict[int, Any] = {}
+        deadline = time.monotonic() + self.timeout_s
+        status = MPI.Status()
+        while len(out) < len(sources):
+            progressed = False
+            for source in sources:
+                if source not in out and self.comm.Iprobe(source, phase, status):
+                    buf = np.empty(status.Get_count(MPI.BYTE), dtype=np.uint8)
+                    self.comm.Recv([buf, MPI.BYTE], source, phase)
+                    self.traffic.received(source, kind, buf.nbytes)
+                    out[source] = pickle.loads(buf.tobytes())
+                    progressed = True
+            if not progressed:
+                if time.monotonic() > deadline:
+                    missing = [s for s in sources if s not in out]
+                    raise CommTimeout(
+                        f"rank {self.rank}: no answer from rank(s) {missing} within "
+                        f"comm.timeout_s={self.timeout_s:g} s while receiving phase {phase}"
+                    )
+                time.sleep(0.001)
+        return out
+
+    # ------------------------------------------------------------ clients' allreduce
+
+    def open_clients_group(self) -> None:
+        """Collective over all ranks: the clients-only communicator used for FedAvg."""
+        self.barrier("forming the clients' communicator")
+        color = MPI.UNDEFINED if self.rank == SERVER else 1
+        self._clients = self.comm.Split(color, self.rank)
+
+    def allreduce_sum(self, buf: np.ndarray) -> np.ndarray:
+        """Sum `buf` over all clients (one non-blocking Allreduce, polled with a deadline)."""
+        assert self._clients is not None, "open_clients_group() first"
+        out = np.empty_like(buf)
+        req = self._clients.Iallreduce([buf, MPI.DOUBLE], [out, MPI.DOUBLE], MPI.SUM)
+        self.traffic.sent("clients", "adapters", buf.nbytes)
+        self.traffic.received("clients", "adapters", out.nbytes)
+        self._wait([req], "averaging client adapters (Allreduce)", [-1])
+        return out
+
+
+def _header(step: int, tensor: torch.Tensor) -> np.ndarray:
+    if tensor.dim() > HEADER_LEN - 3:
+        raise ValueError(f"tensor of rank {tensor.dim()} does not fit the header")
+    header = np.zeros(HEADER_LEN, dtype=np.int64)
+    header[0], header[1], header[2] = step, DTYPES.index(tensor.dtype), tensor.dim()
+    header[3 : 3 + tensor.dim()] = tensor.shape
+    return header
+
+
+def _nbytes(header: np.ndarray) -> int:
+    dtype = DTYPES[int(header[1])]
+    numel = int(np.prod(header[3 : 3 + int(header[2])]))
+    return numel * torch.empty((), dtype=dtype).element_size()
+
+
+def _host_bytes(tensor: torch.Tensor) -> np.ndarray:
+    """The tensor's bytes in host memory, zero-copy on CPU. CUDA tensors are staged through
+    pinned host memory (for MPI builds that are not CUDA-aware)."""
+    t = tensor.detach()
+    if t.device.type == "cuda":
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t)
+        t = host
+    t = t.contiguous()
+    return t.reshape(-1).view(torch.uint8).numpy()

@@ -1,0 +1,103 @@
+"""Run-level outputs, written by rank 0 alone: config.yaml, metrics.jsonl, summary.json,
+and the progress lines on the terminal. Files are replaced atomically (temp + rename),
+so an interrupted run never leaves a half-written file behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from .config import ConfigError
+
+
+def check_writable(out_dir: Path) -> None:
+    """Fail before any work (exit 2) if the output directory cannot be written."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"config key 'run.out_dir': cannot write to {out_dir}: {e.strerror or e}") from None
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield a temp directory that replaces `path` only once it is completely written."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    old = path.with_name(f".{path.name}.old")
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class RunLog:
+    """Progress of one run: a metrics.jsonl row and a terminal line every `log_every` steps."""
+
+    def __init__(self, out_dir: Path, config_yaml: str, steps: int, log_every: int):
+        self.out_dir = out_dir
+        self.steps = steps
+        self.log_every = log_every
+        write_atomic(out_dir / "config.yaml", config_yaml)
+        self._jsonl = open(out_dir / "metrics.jsonl", "w")
+        self._losses: list[float] = []
+        self.tokens = 0
+        self.last_train_loss = float("nan")
+        self.last_val_loss: float | None = None
+        self.t0 = time.perf_counter()
+
+    @property
+    def wall_s(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def step(self, step: int, loss: float, tokens: int, lr: float, val_loss: float | None, sent_bytes: int) -> None:
+        self._losses.append(loss)
+        self.tokens += tokens
+        if val_loss is not None:
+            self.last_val_loss = val_loss
+        if step % self.log_every and step != self.steps and step != 1 and val_loss is None:
+            return
+        # train_loss: mean over the steps since the previous row
+        self.last_train_loss = sum(self._losses) / len(self._losses)
+        self._losses.clear()
+        wall = self.wall_s
+        row: dict[str, Any] = {"step": step, "train_loss": self.last_train_loss, "lr": lr, "tokens": self.tokens,
+                               "wall_s": round(wall, 3), "sent_bytes": sent_bytes}
+        if val_loss is not None:
+            row["val_loss"] = val_loss
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        val = f" | val {val_loss:.4f}" if val_loss is not None else ""
+        print(
+            f"step {step:>5}/{self.steps} | loss {self.last_train_loss:.4f}{val} | lr {lr:.2e} | "
+            f"{self.tokens / max(wall, 1e-9):,.0f} tok/s | {sent_bytes / 1e6:,.1f} MB sent | {wall:.1f} s",
+            flush=True,
+        )
+
+    def close(self, summary: dict[str, Any]) -> None:
+        self._jsonl.close()
+        write_atomic(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

@@ -1,0 +1,72 @@
+"""The server rank: the remaining blocks, final norm and LM head, one shared LoRA.
+
+Per step: take every client's activations in arrival order, concatenate them in rank
+order (deterministic), compute the token-averaged loss, step, and return each client the
+gradient slice of the activations it sent.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .config import JobConfig
+from .model import SplitPart
+from .protocol import EVAL, TRAIN, Message, Transport
+from .training import PartTrainer, eval_loss_sum, is_eval_step, server_update
+
+KINDS_UP = ["activations", "labels"]
+
+
+class Server:
+    def __init__(self, cfg: JobConfig, part: SplitPart, transport: Transport, clients: list[int],
+                 val_batches: dict[int, int]):
+        self.cfg = cfg
+        self.part = part
+        self.trainer = PartTrainer(part, cfg.train)
+        self.transport = transport
+        self.clients = sorted(clients)
+        self.val_batches = val_batches  # validation batches each client will send
+        self.wire_dtype = getattr(torch, cfg.comm.activation_dtype)
+        self.compute_dtype = getattr(torch, cfg.model.dtype)
+        self.tokens = 0
+
+    def run(self, on_step: Callable[[int, float, int, float, float | None], None]) -> None:
+        """Train for train.steps; `on_step(step, loss, tokens, lr, val_loss)` after each step."""
+        t = self.cfg.train
+        for step in range(1, t.steps + 1):
+            lr = self.trainer.lr
+            loss, tokens = self.train_step(step)
+            val = self.evaluate(step) if is_eval_step(step, t) else None
+            on_step(step, loss, tokens, lr, val)
+
+    def _batch(self, uploads: dict[int, list[Message]], step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        for rank, (acts, _) in uploads.items():
+            if acts.step != step:
+                raise RuntimeError(f"rank 0: rank {rank} sent activations of step {acts.step} during step {step}")
+        order = sorted(uploads)
+        h = torch.cat([uploads[r][0].tensor for r in order]).to(self.compute_dtype)
+        side = torch.cat([uploads[r][1].tensor for r in order], dim=1).long()
+        return h, side[0], side[1]
+
+    def train_step(self, step: int) -> tuple[float, int]:
+        uploads = self.transport.recv_tensors(self.clients, TRAIN, KINDS_UP)
+        h, mask, labels = self._batch(uploads, step)
+        loss, grad = server_update(self.trainer, h, mask, labels, self.cfg.train.label_smoothing)
+        sizes = [uploads[r][0].tensor.shape[0] for r in sorted(uploads)]
+        grads = grad.to(self.wire_dtype).split(sizes)
+        self.transport.send_tensors(TRAIN, step, {r: [(g, "gradients")] for r, g in zip(sorted(uploads), grads)})
+        tokens = int(mask.sum())
+        self.tokens += tokens
+        return loss, tokens
+
+    def evaluate(self, step: int) -> float:
+        """Validation loss over every client's share, round by round (one batch per client)."""
+        total, count = 0.0, 0
+        for r in range(max(self.val_batches.values(), default=0)):
+            senders = [c for c in self.clients if self.val_batches[c] > r]
+            h, mask, labels = self._batch(self.transport.recv_tensors(senders, EVAL, KINDS_UP), step)
+            loss_sum, n = eval_loss_sum(self.part, h, mask, labels)
+            total, count = total + loss_sum, count + n
+        return total / count

@@ -1,0 +1,85 @@
+"""What every side does with its part: the loss, the optimizer, the step.
+
+Shared by the split roles and the central baseline, so the baseline differs from the
+split run only by the wire in the middle.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import get_linear_schedule_with_warmup
+
+from .config import TrainConfig
+from .model import SplitPart
+
+
+def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
+    """Summed next-token loss over target tokens and their count (caller averages, so
+    losses from several batches or clients combine exactly)."""
+    targets = labels[:, 1:].reshape(-1)
+    n = int((targets != -100).sum())
+    if n == 0:
+        raise ValueError("batch has no target tokens")  # never average over zero tokens
+    loss = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        targets,
+        ignore_index=-100,
+        reduction="sum",
+        label_smoothing=label_smoothing,
+    )
+    return loss, n
+
+
+class PartTrainer:
+    """AdamW + linear warm-up/decay + gradient clipping over one part's LoRA parameters."""
+
+    def __init__(self, part: SplitPart, cfg: TrainConfig):
+        self.part = part
+        self.params = part.trainable_parameters()
+        self.grad_clip = cfg.grad_clip
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.schedule = get_linear_schedule_with_warmup(self.optimizer, cfg.warmup_steps, cfg.steps)
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def step(self) -> None:
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def server_update(
+    trainer: PartTrainer, activations: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+    label_smoothing: float,
+) -> tuple[float, torch.Tensor]:
+    """The server's half of a step: loss over the concatenated batch, server step, and the
+    gradient w.r.t. the activations it was given (for the clients)."""
+    h = activations.detach().requires_grad_()
+    loss_sum, n = lm_loss_sum(trainer.part(h, attention_mask), labels, label_smoothing)
+    loss = loss_sum / n
+    loss.backward()
+    trainer.step()
+    assert h.grad is not None
+    return float(loss), h.grad
+
+
+@torch.no_grad()
+def eval_loss_sum(
+    server_part: SplitPart, activations: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[float, int]:
+    """Summed validation loss (no smoothing) and its target-token count."""
+    loss_sum, n = lm_loss_sum(server_part(activations, attention_mask), labels)
+    return float(loss_sum), n
+
+
+def is_aggregation_step(step: int, cfg: TrainConfig) -> bool:
+    return step % cfg.aggregate_every == 0 or step == cfg.steps
+
+
+def is_eval_step(step: int, cfg: TrainConfig) -> bool:
+    return (cfg.eval_every > 0 and step % cfg.eval_every == 0) or step == cfg.steps

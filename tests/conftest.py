@@ -1,0 +1,35 @@
+"""Shared helpers: running the installed package as a command, under mpirun or alone."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
+
+
+def run_cmd(args: list[str], cwd: Path, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run a command with a hard timeout (a hung MPI job fails the test instead of the suite)."""
+    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def splitlora(*args: str, ranks: int | None = None) -> list[str]:
+    """The command line of a run: `mpirun -n R python -m splitlora_mpi ARGS` (or without mpirun)."""
+    cmd = [sys.executable, "-m", "splitlora_mpi", *args]
+    if ranks is None:
+        return cmd
+    assert MPIRUN, "mpirun not found next to python (pip's mpich wheel provides it)"
+    return [MPIRUN, "-n", str(ranks), *cmd]
+
+
+@pytest.fixture
+def tiny_args() -> list[str]:
+    """A few fast steps of the default model; every knob that matters for equivalence pinned."""
+    return ["--set", "train.steps=6", "--set", "train.log_every=1", "--set", "train.aggregate_every=3",
+            "--set", "train.eval_every=3", "--set", "train.warmup_steps=2"]

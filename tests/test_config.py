@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from splitlora_mpi.config import ConfigError, JobConfig, default_config_path, load_config
+
+
+def test_packaged_default_equals_dataclass_defaults():
+    assert load_config() == JobConfig()
+    assert yaml.safe_load(default_config_path().read_text()) == JobConfig().to_dict()
+
+
+def test_repo_default_is_the_packaged_one():
+    repo_default = Path(__file__).parent.parent / "configs" / "default.yaml"
+    assert yaml.safe_load(repo_default.read_text()) == JobConfig().to_dict()
+
+
+def test_overrides_parse_yaml_scalars(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  steps: 7\nlora:\n  r: 2\n")
+    cfg = load_config(f, ["lora.r=8", "train.lr=1e-3", "model.config.n_layer=6", "lora.target_modules=[c_attn, c_proj]",
+                          "run.out_dir=null"])
+    assert cfg.train.steps == 7 and cfg.lora.r == 8 and cfg.train.lr == 1e-3
+    assert cfg.model.config["n_layer"] == 6 and cfg.model.config["n_embd"] == 64  # merged into the default dict
+    assert cfg.lora.target_modules == ["c_attn", "c_proj"] and cfg.run.out_dir is None
+
+
+def test_model_config_with_model_type_replaces_default(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("model:\n  config: {model_type: llama, hidden_size: 32}\n")
+    assert load_config(f).model.config == {"model_type": "llama", "hidden_size": 32}
+
+
+@pytest.mark.parametrize("override, key, expected", [
+    ("train.lr=-1", "train.lr", "> 0"),
+    ("train.batch_size=0", "train.batch_size", "≥ 1"),
+    ("train.nope=1", "train.nope", "unknown key"),
+    ("nope.x=1", "nope", "unknown key"),
+    ("lora.r=abc", "lora.r", "an integer"),
+    ("lora.r=2.5", "lora.r", "an integer"),
+    ("run.mode=magic", "run.mode", "one of"),
+    ("metrics.enabled=maybe", "metrics.enabled", "true or false"),
+    ("metrics.port=70000", "metrics.port", "≤ 65535"),
+    ("train.eval_every=7", "train.eval_every", "multiple of train.aggregate_every"),
+    ("model.config.model_type=bert", "model.config.model_type", "one of gpt2"),
+    ("lora.dropout=1", "lora.dropout", "< 1"),
+])
+def test_bad_values_name_the_key(override, key, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=[override])
+    assert f"'{key}'" in str(e.value) and expected in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_set_syntax_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        load_config(overrides=["train.steps"])
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "splitlora_mpi", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_cli_bad_config_is_one_line_exit_2(tmp_path):
+    r = _cli("--set", "train.lr=-1", cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "train.lr" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_print_config_round_trips(tmp_path):
+    r = _cli("--print-config", "--set", "lora.r=8", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    (tmp_path / "printed.yaml").write_text(r.stdout)
+    assert load_config(tmp_path / "printed.yaml").lora.r == 8
+
+
+def test_cli_unknown_argument_exit_2(tmp_path):
+    r = _cli("--bogus", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0

@@ -1,0 +1,137 @@
+"""The split is exact: each side holds only its modules, with the whole model's weights,
+and split gradients equal the gradients of the unsplit model (GPT-2 and Llama families)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from splitlora_mpi.config import ConfigError, load_config
+from splitlora_mpi.model import SplitPart, build_base, export_adapter, hf_config
+
+CPU = torch.device("cpu")
+LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
+GPT2 = {"model_type": "gpt2", "n_embd": 32, "n_layer": 3, "n_head": 2, "n_positions": 64,
+        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+FAMILIES = {"gpt2": GPT2, "llama": LLAMA, "qwen2": {**LLAMA, "model_type": "qwen2"}}
+
+
+def _cfg(model_config: dict, *overrides: str):
+    cfg = load_config(overrides=["split.client_layers=1", *overrides])
+    cfg.model.config = dict(model_config)
+    return cfg, hf_config(cfg, 258, 256, 257)
+
+
+def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (3, 16), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, 10:] = 0  # right padding
+    labels = ids.clone()
+    labels[:, :5] = -100
+    labels[mask == 0] = -100
+    return ids, mask, labels
+
+
+def _randomise_lora_b(*parts: SplitPart) -> None:
+    """LoRA B starts at zero; make it non-zero so gradients reach every adapter matrix."""
+    g = torch.Generator().manual_seed(1)
+    for part in parts:
+        for name, p in part.named_parameters():
+            if "lora_B" in name:
+                p.data.copy_(torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_split_gradients_equal_unsplit(family):
+    cfg, config = _cfg(FAMILIES[family])
+    client, server, full = (SplitPart(cfg, config, role, CPU) for role in ("client", "server", "full"))
+    _randomise_lora_b(client, server)
+    full.load_adapter_state({**client.adapter_state(), **server.adapter_state()})
+    ids, mask, labels = _batch()
+
+    h = client(ids, mask)
+    h_cut = h.detach().requires_grad_()
+    split_loss = _loss(server(h_cut, mask), labels)
+    split_loss.backward()
+    h.backward(h_cut.grad)
+    # the whole model through Hugging Face's own forward
+    full_loss = _loss(full.peft(input_ids=ids, attention_mask=mask).logits, labels)
+    full_loss.backward()
+
+    assert torch.allclose(split_loss, full_loss, rtol=1e-6, atol=0)
+    split_grads = {n: p.grad for part in (client, server) for n, p in part.named_parameters() if p.requires_grad}
+    full_grads = {n: p.grad for n, p in full.named_parameters() if p.requires_grad}
+    assert split_grads.keys() == full_grads.keys() and len(split_grads) > 0
+    for name, g in split_grads.items():
+        assert g is not None and g.abs().sum() > 0, name
+        assert torch.allclose(g, full_grads[name], rtol=1e-5, atol=1e-7), name
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_each_side_holds_only_its_modules_with_the_whole_models_weights(family):
+    cfg, config = _cfg(FAMILIES[family])
+    full = build_base(cfg, config, "full", CPU).state_dict()
+    client = build_base(cfg, config, "client", CPU).state_dict()
+    server = build_base(cfg, config, "server", CPU).state_dict()
+    blocks = "transformer.h." if family == "gpt2" else "model.layers."
+    assert all(not k.startswith(blocks) or k.startswith(blocks + "0.") for k in client)
+    assert not any(k.startswith(blocks + "0.") for k in server)
+    assert not any("lm_head" in k or "ln_f" in k or k.startswith("model.norm") for k in client)
+    assert any("lm_head" in k for k in server)
+    for sd in (client, server):
+        for k, v in sd.items():
+            assert torch.equal(v, full[k]), k
+    client_n = sum(v.numel() for v in client.values())
+    assert client_n < sum(v.numel() for v in full.values())
+
+
+def test_pretrained_directory_is_read_tensor_by_tensor(tmp_path):
+    cfg, config = _cfg(GPT2, "run.seed=5")
+    build_base(cfg, config, "full", CPU).save_pretrained(tmp_path / "m")
+    cfg2, _ = _cfg(GPT2, "run.seed=99")  # different seed: weights must come from the files
+    cfg2.model.name_or_path = str(tmp_path / "m")
+    config2 = hf_config(cfg2, 258, 256, 257)
+    saved = build_base(cfg, config, "full", CPU).state_dict()
+    for role in ("client", "server"):
+        for k, v in build_base(cfg2, config2, role, CPU).state_dict().items():
+            assert torch.equal(v, saved[k]), (role, k)
+
+
+def test_missing_pretrained_directory_is_a_config_error(tmp_path):
+    cfg, _ = _cfg(GPT2)
+    cfg.model.name_or_path = str(tmp_path / "nope")
+    with pytest.raises(ConfigError, match="model.name_or_path"):
+        hf_config(cfg, 258, 256, 257)
+
+
+@pytest.mark.parametrize("k", [0, 3])
+def test_cut_must_leave_blocks_on_both_sides(k):
+    cfg, config = _cfg(GPT2)
+    cfg.split.client_layers = k
+    with pytest.raises(ConfigError, match="split.client_layers"):
+        build_base(cfg, config, "client", CPU)
+
+
+def test_exported_adapter_loads_with_peft_and_matches_the_split(tmp_path):
+    cfg, config = _cfg(GPT2)
+    client, server = SplitPart(cfg, config, "client", CPU), SplitPart(cfg, config, "server", CPU)
+    _randomise_lora_b(client, server)
+    build_base(cfg, config, "full", CPU).save_pretrained(tmp_path / "base")
+    export_adapter(tmp_path / "adapter", server, {**client.adapter_state(), **server.adapter_state()},
+                   str(tmp_path / "base"))
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    model = PeftModel.from_pretrained(base, tmp_path / "adapter")
+    ids, mask, labels = _batch()
+    with torch.no_grad():
+        expected = _loss(server(client(ids, mask), mask), labels)
+        got = _loss(model(input_ids=ids, attention_mask=mask).logits, labels)
+    assert torch.allclose(expected, got, rtol=1e-5)
