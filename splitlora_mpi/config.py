@@ -69,7 +69,7 @@ class DataConfig:
     train_path: str | None = _f(None, "training file; null = the packaged E2E sample")
     val_path: str | None = _f(None, "validation file; null = the packaged held-out E2E sample")
     format: Literal["e2e", "jsonl"] = _f("e2e", "e2e: 'meaning representation||text' lines; jsonl: prompt/completion")
-    max_seq_len: int = _f(64, "tokens per row (rows are padded or truncated to this)", min=8)
+    max_seq_len: int = _f(128, "tokens per row (rows are padded or truncated to this)", min=8)
     partition: Literal["iid", "dirichlet"] = _f("iid", "how training examples are split among clients")
     dirichlet_alpha: float = _f(0.5, "concentration of the dirichlet partition (small = skewed)", gt=0)
 
@@ -78,7 +78,7 @@ class DataConfig:
 class TrainConfig:
     steps: int = _f(100, "optimizer steps", min=1)
     batch_size: int = _f(4, "rows per client per step (central: rows per step)", min=1)
-    lr: float = _f(2e-3, "peak learning rate of AdamW", gt=0)
+    lr: float = _f(1e-2, "peak learning rate of AdamW", gt=0)
     warmup_steps: int = _f(10, "linear warm-up steps, then linear decay to 0 at train.steps", min=0)
     weight_decay: float = _f(0.01, "AdamW weight decay", min=0)
     label_smoothing: float = _f(0.1, "label smoothing of the training loss", min=0, lt=1)

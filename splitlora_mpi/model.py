@@ -86,6 +86,10 @@ def build_base(cfg: JobConfig, config: PretrainedConfig, role: Role, device: tor
     k = cfg.split.client_layers
     if role != "full" and not 1 <= k < n:
         raise ConfigError(f"config key 'split.client_layers': expected 1..{n - 1} (the model has {n} blocks), got {k}")
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and cfg.data.max_seq_len > positions:
+        raise ConfigError(f"config key 'data.max_seq_len': expected ≤ {positions} (the model's positions), "
+                          f"got {cfg.data.max_seq_len}")
     with torch.device("meta"):
         lm = AutoModelForCausalLM.from_config(config)
     tied = lm.get_output_embeddings().weight is lm.get_input_embeddings().weight

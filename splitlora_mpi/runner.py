@@ -111,8 +111,9 @@ def _data_paths(cfg: JobConfig) -> tuple[Path, Path]:
 
 def _load_data(cfg: JobConfig, tok: Tokenizer) -> tuple[EncodedData, EncodedData]:
     train_path, val_path = _data_paths(cfg)
-    train = encode_examples(read_examples(train_path, cfg.data.format), tok, cfg.data.max_seq_len)
-    val = encode_examples(read_examples(val_path, cfg.data.format), tok, cfg.data.max_seq_len)
+    fmt, t = cfg.data.format, cfg.data.max_seq_len
+    train = encode_examples(read_examples(train_path, fmt), tok, t, fmt)
+    val = encode_examples(read_examples(val_path, fmt), tok, t, fmt)
     return train, val
 
 

@@ -65,7 +65,7 @@ def server_update(
     loss.backward()
     trainer.step()
     assert h.grad is not None
-    return float(loss), h.grad
+    return float(loss.detach()), h.grad
 
 
 @torch.no_grad()

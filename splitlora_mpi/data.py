@@ -1,0 +1,261 @@
+"""Data: tokenizers, the e2e and jsonl formats, per-client partitions and samplers.
+
+Rows are padded to `data.max_seq_len` so every batch has the same shape on the wire.
+The loss is only on the text / completion tokens; truncation cuts the prompt first, so
+every row keeps target tokens (a row without any would average a loss over zero tokens).
+No MPI and no model code here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from .config import ConfigError
+
+IGNORE = -100
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+    eos_token_id: int
+    pad_token_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class ByteTokenizer:
+    """Built in, no files: ids 0..255 are UTF-8 bytes, 256 = eos, 257 = pad."""
+
+    vocab_size = 258
+    eos_token_id = 256
+    pad_token_id = 257
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """Any Hugging Face tokenizer behind the same five members."""
+
+    def __init__(self, tok) -> None:  # noqa: ANN001 - a transformers tokenizer
+        if tok.eos_token_id is None:
+            raise ValueError("it has no eos token")
+        self.hf = tok
+        self.vocab_size = len(tok)
+        self.eos_token_id = int(tok.eos_token_id)
+        self.pad_token_id = int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.hf(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.hf.decode(ids, skip_special_tokens=True)
+
+
+def load_tokenizer(spec: str) -> Tokenizer:
+    if spec == "byte":
+        return ByteTokenizer()
+    try:
+        from transformers import AutoTokenizer
+
+        return HFTokenizer(AutoTokenizer.from_pretrained(spec))
+    except (OSError, ValueError, TypeError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(
+            f"config key 'model.tokenizer': cannot load '{spec}': {reason}; expected 'byte', a hub id or a tokenizer directory"
+        ) from None
+
+
+# ---------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    completion: str
+    group: str  # the meaning representation (e2e) or the prompt (jsonl): the unit of non-IID skew
+
+
+def packaged_data_paths() -> tuple[Path, Path]:
+    """The E2E sample shipped in the package (see assets/e2e_sample/README.md)."""
+    root = Path(str(resources.files("splitlora_mpi") / "assets" / "e2e_sample"))
+    return root / "train.txt", root / "val.txt"
+
+
+def read_examples(path: str | Path, fmt: str) -> list[Example]:
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"data file {path}: not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"data file {path}: is a directory, expected a file") from None
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise ConfigError(f"data file {path}:{line}: not UTF-8 text (binary data?)") from None
+    parse = _parse_e2e if fmt == "e2e" else _parse_jsonl
+    examples = [parse(line, f"{path}:{i}") for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not examples:
+        raise ConfigError(f"data file {path}: no examples (empty file), expected {fmt} lines")
+    return examples
+
+
+def _parse_e2e(line: str, where: str) -> Example:
+    if "||" not in line:
+        raise ConfigError(f"data file {where}: no '||' separator, expected 'meaning representation||text'")
+    mr, text = (s.strip() for s in line.split("||", 1))
+    if not mr or not text:
+        raise ConfigError(f"data file {where}: empty {'meaning representation' if not mr else 'text'}, "
+                          "expected 'meaning representation||text'")
+    return Example(mr, text, mr)
+
+
+def _parse_jsonl(line: str, where: str) -> Example:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"data file {where}: invalid JSON ({e.msg}), expected {{\"prompt\": ..., \"completion\": ...}}") from None
+    if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) for k in ("prompt", "completion")):
+        raise ConfigError(f"data file {where}: expected an object with string fields 'prompt' and 'completion'")
+    if not obj["completion"].strip():
+        raise ConfigError(f"data file {where}: empty 'completion'")
+    return Example(obj["prompt"], obj["completion"], obj["prompt"])
+
+
+# ---------------------------------------------------------------- encoding
+
+
+@dataclass
+class EncodedData:
+    input_ids: torch.Tensor  # [N, T] int64, pad_token_id in padding
+    attention_mask: torch.Tensor  # [N, T] int64
+    labels: torch.Tensor  # [N, T] int64, token ids on completion tokens, -100 elsewhere (unshifted)
+    groups: list[str]
+    truncated: int  # rows cut to max_seq_len
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def encode_examples(examples: list[Example], tok: Tokenizer, max_seq_len: int, fmt: str = "e2e") -> EncodedData:
+    n, t = len(examples), max_seq_len
+    ids = torch.full((n, t), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((n, t), dtype=torch.long)
+    labels = torch.full((n, t), IGNORE, dtype=torch.long)
+    truncated = 0
+    for i, ex in enumerate(examples):
+        prompt, completion = _encode_pair(ex, tok, fmt)
+        if len(prompt) + len(completion) > t:
+            truncated += 1
+            completion = completion[: min(len(completion), max(t // 2, t - len(prompt)))]
+            prompt = prompt[: t - len(completion)]
+        row = prompt + completion
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+        start = max(len(prompt), 1)  # position 0 is never predicted
+        labels[i, start : len(row)] = ids[i, start : len(row)]
+    return EncodedData(ids, mask, labels, [ex.group for ex in examples], truncated)
+
+
+def _encode_pair(ex: Example, tok: Tokenizer, fmt: str) -> tuple[list[int], list[int]]:
+    if fmt == "e2e":
+        return tok.encode(ex.prompt + " ||"), tok.encode(" " + ex.completion) + [tok.eos_token_id]
+    return tok.encode(ex.prompt), tok.encode(ex.completion) + [tok.eos_token_id]
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+    @property
+    def tokens(self) -> int:
+        """Non-padding input tokens."""
+        return int(self.attention_mask.sum())
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+
+
+def make_batch(data: EncodedData, indices: list[int]) -> Batch:
+    idx = torch.tensor(indices, dtype=torch.long)
+    return Batch(data.input_ids[idx], data.attention_mask[idx], data.labels[idx])
+
+
+# ---------------------------------------------------------------- who gets what
+
+
+def partition(groups: list[str], num_clients: int, scheme: str, alpha: float, seed: int) -> list[list[int]]:
+    """Split example indices among clients, deterministically from the seed.
+
+    iid: a shuffled even split. dirichlet: each group's examples (an E2E meaning
+    representation) split with proportions ~ Dir(alpha), the usual label-skew scheme.
+    """
+    n = len(groups)
+    if n < num_clients:
+        raise ConfigError(f"training data: {n} examples for {num_clients} clients; expected at least one per client")
+    rng = np.random.default_rng(seed)
+    if scheme == "iid":
+        parts = np.array_split(rng.permutation(n), num_clients)
+    else:
+        by_group: dict[str, list[int]] = {}
+        for i, g in enumerate(groups):
+            by_group.setdefault(g, []).append(i)
+        buckets: list[list[int]] = [[] for _ in range(num_clients)]
+        for g in sorted(by_group):
+            members = rng.permutation(by_group[g])
+            cuts = (np.cumsum(rng.dirichlet(np.full(num_clients, alpha)))[:-1] * len(members)).astype(int)
+            for c, share in enumerate(np.split(members, cuts)):
+                buckets[c].extend(int(i) for i in share)
+        parts = [np.array(b, dtype=np.int64) for b in buckets]
+    out = [sorted(int(i) for i in p) for p in parts]
+    empty = [c for c, p in enumerate(out) if not p]
+    if empty:
+        raise ConfigError(f"config key 'data.dirichlet_alpha': the partition left client {empty[0] + 1} without data; "
+                          f"expected a larger alpha (got {alpha}) or fewer clients")
+    return out
+
+
+class Sampler:
+    """Endless, deterministic stream of batches of one client's rows: one reshuffle per epoch."""
+
+    def __init__(self, indices: list[int], batch_size: int, seed: int, client: int):
+        self.indices = list(indices)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.client = client
+        self.position = 0  # rows consumed so far (checkpoint state)
+        self._cached: tuple[int, np.ndarray] | None = None
+
+    def _epoch(self, epoch: int) -> np.ndarray:
+        if self._cached is None or self._cached[0] != epoch:
+            self._cached = (epoch, np.random.default_rng([self.seed, self.client, epoch]).permutation(self.indices))
+        return self._cached[1]
+
+    def next_indices(self) -> list[int]:
+        out: list[int] = []
+        n = len(self.indices)
+        while len(out) < self.batch_size:
+            epoch, offset = divmod(self.position, n)
+            take = min(self.batch_size - len(out), n - offset)
+            out.extend(int(i) for i in self._epoch(epoch)[offset : offset + take])
+            self.position += take
+        return out
+
+
+def shard(n: int, num_shards: int, shard_index: int) -> list[int]:
+    """Validation rows of one client: every num_shards-th row."""
+    return list(range(shard_index, n, num_shards))

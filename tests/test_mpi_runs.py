@@ -1,0 +1,147 @@
+"""Real multi-rank runs: `mpirun` launches the installed package, under a hard timeout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from conftest import run_cmd, splitlora
+from splitlora_mpi.config import load_config
+from splitlora_mpi.data import encode_examples, load_tokenizer, make_batch, packaged_data_paths, read_examples
+from splitlora_mpi.training import lm_loss_sum
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def _adapter(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def equivalence_runs(tmp_path_factory) -> tuple[Path, Path]:
+    """The same config twice: 1 server + 1 client over MPI, and the central baseline."""
+    tmp = tmp_path_factory.mktemp("equiv")
+    common = ["--set", "train.steps=8", "--set", "train.log_every=1", "--set", "train.aggregate_every=4",
+              "--set", "train.eval_every=4", "--set", "train.warmup_steps=2"]
+    split = run_cmd(splitlora(*common, "--set", "run.out_dir=split", ranks=2), cwd=tmp, timeout=300)
+    assert split.returncode == 0, split.stderr[-3000:]
+    central = run_cmd(splitlora(*common, "--set", "run.out_dir=central", "--set", "run.mode=central"), cwd=tmp,
+                      timeout=300)
+    assert central.returncode == 0, central.stderr[-3000:]
+    return tmp / "split", tmp / "central"
+
+
+def test_split_with_one_client_equals_central(equivalence_runs):
+    split, central = equivalence_runs
+    a, b = _rows(split), _rows(central)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 9))
+    for ra, rb in zip(a, b):
+        assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-5)
+        assert ra["tokens"] == rb["tokens"]
+        if "val_loss" in rb:
+            assert ra["val_loss"] == pytest.approx(rb["val_loss"], rel=1e-5)
+    assert a[-1]["train_loss"] != a[0]["train_loss"]
+    wa, wb = _adapter(split), _adapter(central)
+    assert wa.keys() == wb.keys() and len(wa) > 0
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-7), k
+
+
+def test_outputs_and_summary_keys(equivalence_runs):
+    split, _ = equivalence_runs
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors", "base/config.json", "base/model.safetensors"):
+        assert (split / name).is_file(), name
+    s = _summary(split)
+    assert s["mode"] == "splitlora" and s["world_size"] == 2 and s["num_clients"] == 1 and s["steps"] == 8
+    assert set(s["bytes"]) == {"activations", "gradients", "labels", "adapters", "control"}
+    assert s["tokens"] == _rows(split)[-1]["tokens"] and s["tokens_per_s"] > 0
+    assert s["client_trainable_params"] > 0 and s["server_trainable_params"] > 0
+    assert s["peak_rss_mb"]["server"] > 0 and s["peak_rss_mb"]["client_max"] > 0
+    assert load_config(split / "config.yaml").train.steps == 8
+
+
+def test_activation_bytes_are_the_tensors_themselves(equivalence_runs):
+    """Bytes on the wire per step = B x T x H x 4 each way (fp32), nothing more."""
+    split, _ = equivalence_runs
+    cfg = load_config(split / "config.yaml")
+    s = _summary(split)
+    b, t, h = cfg.train.batch_size, cfg.data.max_seq_len, cfg.model.config["n_embd"]
+    val_rows = len(read_examples(packaged_data_paths()[1], "e2e"))
+    evals = 2  # steps 4 and 8
+    up = (cfg.train.steps * b + evals * val_rows) * t * h * 4
+    assert s["bytes"]["activations"] == up
+    assert s["bytes"]["gradients"] == cfg.train.steps * b * t * h * 4
+    assert s["bytes"]["labels"] == (cfg.train.steps * b + evals * val_rows) * 2 * t * 4
+
+
+def test_exported_adapter_reproduces_final_val_loss(equivalence_runs):
+    split, _ = equivalence_runs
+    cfg = load_config(split / "config.yaml")
+    base = AutoModelForCausalLM.from_pretrained(split / "base")
+    model = PeftModel.from_pretrained(base, split / "adapter").eval()
+    tok = load_tokenizer(cfg.model.tokenizer)
+    val = encode_examples(read_examples(packaged_data_paths()[1], "e2e"), tok, cfg.data.max_seq_len)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(val), 16):
+            batch = make_batch(val, list(range(start, min(start + 16, len(val)))))
+            loss_sum, n = lm_loss_sum(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits,
+                                      batch.labels)
+            total, count = total + float(loss_sum), count + n
+    assert total / count == pytest.approx(_summary(split)["final_val_loss"], rel=1e-5)
+
+
+def test_default_nine_rank_run_learns(tmp_path):
+    """The bare command of the README (1 server + 8 clients), shortened to 40 steps."""
+    r = run_cmd(splitlora("--set", "train.steps=40", "--set", "train.eval_every=20", ranks=9), cwd=tmp_path,
+                timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "runs" / "splitlora"
+    rows = _rows(out)
+    s = _summary(out)
+    assert s["num_clients"] == 8 and s["world_size"] == 9
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.2
+    vals = [row["val_loss"] for row in rows if "val_loss" in row]
+    assert len(vals) == 2 and vals[-1] < vals[0]
+    assert "step    40/40" in r.stdout
+
+
+def test_split_mode_on_one_rank_explains_how_to_launch(tmp_path):
+    r = run_cmd(splitlora(), cwd=tmp_path, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "mpirun -n" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_config_under_mpirun_is_one_line_from_rank_0(tmp_path):
+    r = run_cmd(splitlora("--set", "lora.r=0", ranks=3), cwd=tmp_path, timeout=120)
+    assert r.returncode == 2
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "lora.r" in lines[0]
+
+
+def test_handshake_refuses_a_client_with_another_config(tmp_path):
+    import sys
+
+    from conftest import MPIRUN
+
+    cmd = [MPIRUN, "-n", "2", sys.executable, "-m", "splitlora_mpi", ":",
+           "-n", "1", sys.executable, "-m", "splitlora_mpi", "--set", "lora.r=8"]
+    r = run_cmd(cmd, cwd=tmp_path, timeout=180)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "lora.r" in lines[0] and "rank 2" in lines[0]
+    assert not (tmp_path / "runs" / "splitlora" / "summary.json").exists()
