@@ -285,5 +285,8 @@ def _check_cross_fields(cfg: JobConfig) -> None:
             f"config key 'train.eval_every': expected a multiple of train.aggregate_every ({t.aggregate_every}) "
             f"so validation sees averaged adapters, got {t.eval_every}"
         )
+    if cfg.metrics.enabled:
+        raise ConfigError("config key 'metrics.enabled': the Prometheus endpoint is not implemented yet (issue 4); "
+                          "expected false")
     if cfg.checkpoint.every:
         raise ConfigError("config key 'checkpoint.every': checkpointing is not implemented yet (issue 6); expected 0")

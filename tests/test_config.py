@@ -45,6 +45,9 @@ def test_model_config_with_model_type_replaces_default(tmp_path):
     ("lora.r=2.5", "lora.r", "an integer"),
     ("run.mode=magic", "run.mode", "one of"),
     ("metrics.enabled=maybe", "metrics.enabled", "true or false"),
+    ("metrics.enabled=true", "metrics.enabled", "not implemented yet"),
+    ("checkpoint.every=5", "checkpoint.every", "not implemented yet"),
+    ("data.max_seq_len=4", "data.max_seq_len", "≥ 8"),
     ("metrics.port=70000", "metrics.port", "≤ 65535"),
     ("train.eval_every=7", "train.eval_every", "multiple of train.aggregate_every"),
     ("model.config.model_type=bert", "model.config.model_type", "one of gpt2"),
@@ -90,3 +93,10 @@ def test_cli_print_config_round_trips(tmp_path):
 def test_cli_unknown_argument_exit_2(tmp_path):
     r = _cli("--bogus", cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
+
+
+def test_readme_documents_every_key():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    flat = [f"`{section}.{key}`" for section, keys in JobConfig().to_dict().items() for key in keys]
+    missing = [k for k in flat if k not in readme]
+    assert not missing, missing
