@@ -21,7 +21,7 @@ FAMILIES = {"gpt2": GPT2, "llama": LLAMA, "qwen2": {**LLAMA, "model_type": "qwen
 
 
 def _cfg(model_config: dict, *overrides: str):
-    cfg = load_config(overrides=["split.client_layers=1", *overrides])
+    cfg = load_config(overrides=["split.client_layers=1", "data.max_seq_len=64", *overrides])
     cfg.model.config = dict(model_config)
     return cfg, hf_config(cfg, 258, 256, 257)
 
@@ -135,3 +135,9 @@ def test_exported_adapter_loads_with_peft_and_matches_the_split(tmp_path):
         expected = _loss(server(client(ids, mask), mask), labels)
         got = _loss(model(input_ids=ids, attention_mask=mask).logits, labels)
     assert torch.allclose(expected, got, rtol=1e-5)
+
+
+def test_rows_longer_than_the_models_positions_are_refused():
+    cfg, config = _cfg(GPT2, "data.max_seq_len=128")
+    with pytest.raises(ConfigError, match="data.max_seq_len"):
+        build_base(cfg, config, "client", CPU)
