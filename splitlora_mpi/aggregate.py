@@ -6,7 +6,7 @@ the weighted mean needs no second collective and is accumulated in float64 (dete
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

@@ -6,7 +6,7 @@ schedule and loss, so a split run with one client must match it step for step.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -17,14 +17,22 @@ from .training import PartTrainer, eval_loss_sum, is_eval_step, server_update
 
 
 class Central:
-    def __init__(self, cfg: JobConfig, client_part: SplitPart, server_part: SplitPart,
-                 train: EncodedData, train_rows: list[int], val: EncodedData):
+    def __init__(
+        self,
+        cfg: JobConfig,
+        client_part: SplitPart,
+        server_part: SplitPart,
+        train: EncodedData,
+        train_rows: list[int],
+        val: EncodedData,
+    ):
         self.cfg = cfg
         self.client = PartTrainer(client_part, cfg.train)
         self.server = PartTrainer(server_part, cfg.train)
         self.train = train
         self.sampler = Sampler(train_rows, cfg.train.batch_size, cfg.run.seed, 0)
         self.val = val
+        self.device = next(client_part.parameters()).device
         self.tokens = 0
 
     def run(self, on_step: Callable[[int, float, int, float, float | None], None]) -> None:
@@ -36,7 +44,7 @@ class Central:
             on_step(step, loss, tokens, lr, val)
 
     def train_step(self) -> tuple[float, int]:
-        batch = make_batch(self.train, self.sampler.next_indices())
+        batch = make_batch(self.train, self.sampler.next_indices()).to(self.device)
         h = self.client.part(batch.input_ids, batch.attention_mask)
         loss, grad = server_update(self.server, h, batch.attention_mask, batch.labels, self.cfg.train.label_smoothing)
         h.backward(grad)
@@ -49,7 +57,7 @@ class Central:
         total, count = 0.0, 0
         b = self.cfg.train.batch_size
         for start in range(0, len(self.val), b):
-            batch = make_batch(self.val, list(range(start, min(start + b, len(self.val)))))
+            batch = make_batch(self.val, list(range(start, min(start + b, len(self.val))))).to(self.device)
             h = self.client.part(batch.input_ids, batch.attention_mask)
             loss_sum, n = eval_loss_sum(self.server.part, h, batch.attention_mask, batch.labels)
             total, count = total + loss_sum, count + n

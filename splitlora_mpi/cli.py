@@ -32,8 +32,13 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = _Parser(prog="python -m splitlora_mpi", description="Split-federated LoRA fine-tuning over MPI.")
     p.add_argument("--config", help="YAML config file (default: the packaged default.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
-                   help="override one config key; repeatable; values parse as YAML scalars")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override one config key; repeatable; values parse as YAML scalars",
+    )
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     return p.parse_args(argv)
 

@@ -24,8 +24,15 @@ def side_channel(batch: Batch) -> torch.Tensor:
 
 class Client:
     def __init__(
-        self, cfg: JobConfig, part: SplitPart, train: EncodedData, train_rows: list[int], val: EncodedData,
-        transport: Transport, index: int, num_clients: int,
+        self,
+        cfg: JobConfig,
+        part: SplitPart,
+        train: EncodedData,
+        train_rows: list[int],
+        val: EncodedData,
+        transport: Transport,
+        index: int,
+        num_clients: int,
     ):
         self.cfg = cfg
         self.part = part
@@ -36,6 +43,7 @@ class Client:
         self.val_rows = shard(len(val), num_clients, index)
         self.transport = transport
         self.wire_dtype = getattr(torch, cfg.comm.activation_dtype)
+        self.device = next(part.parameters()).device
         self.tokens = 0
         self.tokens_since_average = 0
 
@@ -49,7 +57,7 @@ class Client:
                 self.evaluate(step)
 
     def train_step(self, step: int) -> None:
-        batch = make_batch(self.train, self.sampler.next_indices())
+        batch = make_batch(self.train, self.sampler.next_indices()).to(self.device)
         h = self.part(batch.input_ids, batch.attention_mask)
         self.transport.send_tensors(
             TRAIN, step, {SERVER: [(h.to(self.wire_dtype), "activations"), (side_channel(batch), "labels")]}
@@ -73,7 +81,7 @@ class Client:
         """Send this client's share of the validation rows through the cut, batch by batch."""
         b = self.cfg.train.batch_size
         for start in range(0, len(self.val_rows), b):
-            batch = make_batch(self.val, self.val_rows[start : start + b])
+            batch = make_batch(self.val, self.val_rows[start : start + b]).to(self.device)
             h = self.part(batch.input_ids, batch.attention_mask)
             self.transport.send_tensors(
                 EVAL, step, {SERVER: [(h.to(self.wire_dtype), "activations"), (side_channel(batch), "labels")]}

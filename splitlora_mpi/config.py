@@ -43,8 +43,16 @@ class RunConfig:
 class ModelConfig:
     name_or_path: str | None = _f(None, "hub id or local directory; null = build from model.config")
     config: dict[str, Any] = _f(
-        {"model_type": "gpt2", "n_embd": 64, "n_layer": 4, "n_head": 4, "n_positions": 128,
-         "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
+        {
+            "model_type": "gpt2",
+            "n_embd": 64,
+            "n_layer": 4,
+            "n_head": 4,
+            "n_positions": 128,
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+        },
         "kwargs for AutoConfig.for_model(model_type, ...); vocab_size defaults to the tokenizer's",
     )
     tokenizer: str = _f("byte", "'byte' (built in) or a hub id / directory of a Hugging Face tokenizer")
@@ -90,7 +98,9 @@ class TrainConfig:
 
 @dataclass
 class CommConfig:
-    activation_dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "wire dtype of activations and gradients")
+    activation_dtype: Literal["float32", "bfloat16", "float16"] = _f(
+        "float32", "wire dtype of activations and gradients"
+    )
     timeout_s: float = _f(300.0, "longest wait for any peer before the job is aborted", gt=0)
 
 
@@ -226,8 +236,12 @@ def _check_value(value: Any, tp: Any, key: str, meta: typing.Mapping[str, Any]) 
     if not ok:
         raise ConfigError(f"config key '{key}': expected {_describe(tp)}, got {value!r}")
     if isinstance(coerced, (int, float)) and not isinstance(coerced, bool):
-        bounds = [("min", "≥", lambda v, b: v >= b), ("max", "≤", lambda v, b: v <= b),
-                  ("gt", ">", lambda v, b: v > b), ("lt", "<", lambda v, b: v < b)]
+        bounds = [
+            ("min", "≥", lambda v, b: v >= b),
+            ("max", "≤", lambda v, b: v <= b),
+            ("gt", ">", lambda v, b: v > b),
+            ("lt", "<", lambda v, b: v < b),
+        ]
         for name, sign, holds in bounds:
             if name in meta and not holds(coerced, meta[name]):
                 raise ConfigError(f"config key '{key}': expected a value {sign} {meta[name]}, got {value!r}")
@@ -286,7 +300,8 @@ def _check_cross_fields(cfg: JobConfig) -> None:
             f"so validation sees averaged adapters, got {t.eval_every}"
         )
     if cfg.metrics.enabled:
-        raise ConfigError("config key 'metrics.enabled': the Prometheus endpoint is not implemented yet (issue 4); "
-                          "expected false")
+        raise ConfigError(
+            "config key 'metrics.enabled': the Prometheus endpoint is not implemented yet (issue 4); expected false"
+        )
     if cfg.checkpoint.every:
         raise ConfigError("config key 'checkpoint.every': checkpointing is not implemented yet (issue 6); expected 0")

@@ -74,7 +74,8 @@ def load_tokenizer(spec: str) -> Tokenizer:
     except (OSError, ValueError, TypeError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(
-            f"config key 'model.tokenizer': cannot load '{spec}': {reason}; expected 'byte', a hub id or a tokenizer directory"
+            f"config key 'model.tokenizer': cannot load '{spec}': {reason}; "
+            "expected 'byte', a hub id or a tokenizer directory"
         ) from None
 
 
@@ -117,8 +118,10 @@ def _parse_e2e(line: str, where: str) -> Example:
         raise ConfigError(f"data file {where}: no '||' separator, expected 'meaning representation||text'")
     mr, text = (s.strip() for s in line.split("||", 1))
     if not mr or not text:
-        raise ConfigError(f"data file {where}: empty {'meaning representation' if not mr else 'text'}, "
-                          "expected 'meaning representation||text'")
+        raise ConfigError(
+            f"data file {where}: empty {'meaning representation' if not mr else 'text'}, "
+            "expected 'meaning representation||text'"
+        )
     return Example(mr, text, mr)
 
 
@@ -126,7 +129,9 @@ def _parse_jsonl(line: str, where: str) -> Example:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
-        raise ConfigError(f"data file {where}: invalid JSON ({e.msg}), expected {{\"prompt\": ..., \"completion\": ...}}") from None
+        raise ConfigError(
+            f'data file {where}: invalid JSON ({e.msg}), expected {{"prompt": ..., "completion": ...}}'
+        ) from None
     if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) for k in ("prompt", "completion")):
         raise ConfigError(f"data file {where}: expected an object with string fields 'prompt' and 'completion'")
     if not obj["completion"].strip():
@@ -224,8 +229,10 @@ def partition(groups: list[str], num_clients: int, scheme: str, alpha: float, se
     out = [sorted(int(i) for i in p) for p in parts]
     empty = [c for c, p in enumerate(out) if not p]
     if empty:
-        raise ConfigError(f"config key 'data.dirichlet_alpha': the partition left client {empty[0] + 1} without data; "
-                          f"expected a larger alpha (got {alpha}) or fewer clients")
+        raise ConfigError(
+            f"config key 'data.dirichlet_alpha': the partition left client {empty[0] + 1} without data; "
+            f"expected a larger alpha (got {alpha}) or fewer clients"
+        )
     return out
 
 

@@ -14,9 +14,10 @@ import copy
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -50,7 +51,9 @@ FAMILIES = {"gpt2": GPT2, "llama": LLAMA, "qwen2": LLAMA, "mistral": LLAMA}
 
 def family_of(config: PretrainedConfig) -> Family:
     if config.model_type not in FAMILIES:
-        raise ConfigError(f"model: model_type '{config.model_type}' is not supported; expected one of {', '.join(FAMILIES)}")
+        raise ConfigError(
+            f"model: model_type '{config.model_type}' is not supported; expected one of {', '.join(FAMILIES)}"
+        )
     return FAMILIES[config.model_type]
 
 
@@ -88,8 +91,9 @@ def build_base(cfg: JobConfig, config: PretrainedConfig, role: Role, device: tor
         raise ConfigError(f"config key 'split.client_layers': expected 1..{n - 1} (the model has {n} blocks), got {k}")
     positions = getattr(config, "max_position_embeddings", None)
     if positions is not None and cfg.data.max_seq_len > positions:
-        raise ConfigError(f"config key 'data.max_seq_len': expected ≤ {positions} (the model's positions), "
-                          f"got {cfg.data.max_seq_len}")
+        raise ConfigError(
+            f"config key 'data.max_seq_len': expected ≤ {positions} (the model's positions), got {cfg.data.max_seq_len}"
+        )
     with torch.device("meta"):
         lm = AutoModelForCausalLM.from_config(config)
     tied = lm.get_output_embeddings().weight is lm.get_input_embeddings().weight

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from . import __version__
+from .config import ConfigError, JobConfig
 from .metrics import Traffic
 
 SERVER = 0
@@ -26,7 +28,7 @@ HEADER_LEN = 8
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.int64]
 
 # phase tags: a message's tag is phase + kind offset
-TRAIN, EVAL, EXPORT, CONTROL = 100, 200, 300, 400
+TRAIN, EVAL, HANDSHAKE, EXPORT, STATS = 100, 200, 400, 410, 420
 _HEADER, _PAYLOAD = 0, 1
 
 
@@ -56,13 +58,12 @@ def abort(code: int) -> None:
 class Transport:
     """Counted, deadline-bounded point-to-point messages and the clients' Allreduce."""
 
-    def __init__(self, timeout_s: float, traffic: Traffic, device: torch.device = torch.device("cpu")):
+    def __init__(self, timeout_s: float, traffic: Traffic):
         self.comm = MPI.COMM_WORLD
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
         self.timeout_s = timeout_s
         self.traffic = traffic
-        self.device = device
         node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
         self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
         node.Free()
@@ -107,13 +108,13 @@ class Transport:
                 self.traffic.sent(dest, kind, payload.nbytes)
         self._wait(requests, f"sending phase {phase} step {step}", peers)
 
-    def recv_tensors(
-        self, sources: list[int], phase: int, kinds: list[str]
-    ) -> dict[int, list[Message]]:
+    def recv_tensors(self, sources: list[int], phase: int, kinds: list[str]) -> dict[int, list[Message]]:
         """Receive len(kinds) tensors from each source, in whatever order the sources send."""
         headers = {(s, i): np.zeros(HEADER_LEN, dtype=np.int64) for s in sources for i in range(len(kinds))}
-        pending = {key: self.comm.Irecv([buf, MPI.INT64_T], key[0], phase + 2 * key[1] + _HEADER)
-                   for key, buf in headers.items()}
+        pending = {
+            key: self.comm.Irecv([buf, MPI.INT64_T], key[0], phase + 2 * key[1] + _HEADER)
+            for key, buf in headers.items()
+        }
         payloads: dict[tuple[int, int], tuple[MPI.Request, np.ndarray]] = {}
         deadline = time.monotonic() + self.timeout_s
         spins = 0
@@ -137,14 +138,8 @@ class Transport:
             header = headers[(source, i)]
             self.traffic.received(source, "control", header.nbytes)
             self.traffic.received(source, kinds[i], buf.nbytes)
-            out[source].append(Message(int(header[0]), self._tensor(header, buf)))
+            out[source].append(Message(int(header[0]), _tensor(header, buf)))
         return out
-
-    def _tensor(self, header: np.ndarray, buf: np.ndarray) -> torch.Tensor:
-        dtype = DTYPES[int(header[1])]
-        shape = [int(d) for d in header[3 : 3 + int(header[2])]]
-        t = torch.from_numpy(buf).view(dtype).reshape(shape)
-        return t.to(self.device, non_blocking=True) if self.device.type != "cpu" else t
 
     # ------------------------------------------------------------ control objects
 
@@ -177,6 +172,25 @@ class Transport:
                 time.sleep(0.001)
         return out
 
+    # ------------------------------------------------------------ handshake
+
+    def client_handshake(self, fingerprint: dict[str, Any], hello: dict[str, Any], error: str | None) -> None:
+        """Send the server this client's fingerprint (or its set-up error); wait for the verdict."""
+        self.send_object(SERVER, HANDSHAKE, {"fingerprint": fingerprint, "error": error, **hello})
+        verdict = self.recv_objects([SERVER], HANDSHAKE)[SERVER]
+        if verdict is not None:
+            raise ConfigError(verdict)
+
+    def server_handshake(self, clients: list[int], fingerprint: dict[str, Any], error: str | None) -> dict[int, Any]:
+        """Every client must be ready and configured like the server; all ranks stop otherwise."""
+        hellos = self.recv_objects(clients, HANDSHAKE)
+        verdict = error or _verdict(fingerprint, hellos)
+        for c in clients:
+            self.send_object(c, HANDSHAKE, verdict)
+        if verdict is not None:
+            raise ConfigError(verdict)
+        return hellos
+
     # ------------------------------------------------------------ clients' allreduce
 
     def open_clients_group(self) -> None:
@@ -196,6 +210,38 @@ class Transport:
         return out
 
 
+def fingerprint(cfg: JobConfig) -> dict[str, Any]:
+    """What must be equal on every rank for the split to be one model and one schedule."""
+    keep = ("model.", "split.", "lora.", "comm.activation_dtype", "train.", "data.max_seq_len", "run.seed", "run.mode")
+    return {"version": __version__, **{k: v for k, v in _flatten(cfg.to_dict()).items() if k.startswith(keep)}}
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "config":
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _verdict(mine: dict[str, Any], hellos: dict[int, dict[str, Any]]) -> str | None:
+    """None when every client is ready and configured like the server, else the one-line reason."""
+    for rank in sorted(hellos):
+        if hellos[rank]["error"]:
+            return hellos[rank]["error"]
+    for rank in sorted(hellos):
+        theirs = hellos[rank]["fingerprint"]
+        for key in sorted(set(mine) | set(theirs)):
+            if mine.get(key) != theirs.get(key):
+                return (
+                    f"handshake refused: rank {rank} was started with {key}={theirs.get(key)!r}, "
+                    f"the server with {key}={mine.get(key)!r}; every rank needs the same config"
+                )
+    return None
+
+
 def _header(step: int, tensor: torch.Tensor) -> np.ndarray:
     if tensor.dim() > HEADER_LEN - 3:
         raise ValueError(f"tensor of rank {tensor.dim()} does not fit the header")
@@ -203,6 +249,12 @@ def _header(step: int, tensor: torch.Tensor) -> np.ndarray:
     header[0], header[1], header[2] = step, DTYPES.index(tensor.dtype), tensor.dim()
     header[3 : 3 + tensor.dim()] = tensor.shape
     return header
+
+
+def _tensor(header: np.ndarray, buf: np.ndarray) -> torch.Tensor:
+    """A host tensor over the received bytes (no copy); callers move it to their device."""
+    shape = [int(d) for d in header[3 : 3 + int(header[2])]]
+    return torch.from_numpy(buf).view(DTYPES[int(header[1])]).reshape(shape)
 
 
 def _nbytes(header: np.ndarray) -> int:

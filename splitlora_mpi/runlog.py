@@ -10,9 +10,10 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .config import ConfigError
 
@@ -81,8 +82,14 @@ class RunLog:
         self.last_train_loss = sum(self._losses) / len(self._losses)
         self._losses.clear()
         wall = self.wall_s
-        row: dict[str, Any] = {"step": step, "train_loss": self.last_train_loss, "lr": lr, "tokens": self.tokens,
-                               "wall_s": round(wall, 3), "sent_bytes": sent_bytes}
+        row: dict[str, Any] = {
+            "step": step,
+            "train_loss": self.last_train_loss,
+            "lr": lr,
+            "tokens": self.tokens,
+            "wall_s": round(wall, 3),
+            "sent_bytes": sent_bytes,
+        }
         if val_loss is not None:
             row["val_loss"] = val_loss
         self._jsonl.write(json.dumps(row) + "\n")

@@ -3,7 +3,6 @@ training loop, and (rank 0) the outputs of DESIGN §4."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import resource
 import warnings
@@ -12,38 +11,45 @@ from typing import Any
 
 import torch
 
-from . import __version__
 from .config import ConfigError, JobConfig
-from .data import EncodedData, Tokenizer, encode_examples, load_tokenizer, packaged_data_paths, partition, read_examples, shard
+from .data import (
+    EncodedData,
+    Tokenizer,
+    encode_examples,
+    load_tokenizer,
+    packaged_data_paths,
+    partition,
+    read_examples,
+    shard,
+)
 from .metrics import Traffic
 from .model import SplitPart, build_base, export_adapter, hf_config
+from .protocol import EXPORT, SERVER, STATS, Transport, fingerprint, world_size
 from .runlog import RunLog, atomic_dir, check_writable, say
-
-HANDSHAKE, STATS, EXPORT_PHASE = 401, 402, 403
+from .training import is_aggregation_step
 
 
 def run(cfg: JobConfig) -> None:
     """Run this rank's part of the job (raises ConfigError for bad input)."""
     _quiet_libraries()
-    from . import protocol  # initialises MPI
-
     if cfg.run.mode == "central":
-        if protocol.world_size() > 1:
-            raise ConfigError(f"config key 'run.mode': 'central' runs on one rank, got {protocol.world_size()} ranks; "
-                              "start it without mpirun: python -m splitlora_mpi --set run.mode=central")
+        if world_size() > 1:
+            raise ConfigError(
+                f"config key 'run.mode': 'central' runs on one rank, got {world_size()} ranks; "
+                "start it without mpirun: python -m splitlora_mpi --set run.mode=central"
+            )
         _set_threads(1)
         return _run_central(cfg)
-    if protocol.world_size() < 2:
+    if world_size() < 2:
         raise ConfigError(
             f"config key 'run.mode': '{cfg.run.mode}' needs 1 server + at least 1 client rank, got 1 rank. "
             "Launch with `mpirun -n 9 python -m splitlora_mpi` using the mpirun of the MPI that mpi4py loaded "
             "(pip's mpich wheel puts it next to python); another launcher starts N separate 1-rank jobs"
         )
     traffic = Traffic()
-    transport = protocol.Transport(cfg.comm.timeout_s, traffic, _device(0))
-    transport.device = _device(transport.local_rank)
+    transport = Transport(cfg.comm.timeout_s, traffic)
     _set_threads(transport.local_size)
-    if transport.rank == protocol.SERVER:
+    if transport.rank == SERVER:
         _run_server(cfg, transport)
     else:
         _run_client(cfg, transport)
@@ -79,23 +85,6 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _fingerprint(cfg: JobConfig) -> dict[str, Any]:
-    """What must be equal on every rank for the split to be one model and one schedule."""
-    flat = _flatten(dataclasses.asdict(cfg))
-    keep = ("model.", "split.", "lora.", "comm.activation_dtype", "train.", "data.max_seq_len", "run.seed", "run.mode")
-    return {"version": __version__, **{k: v for k, v in flat.items() if k.startswith(keep)}}
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "config":
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
 def _tokenizer_and_config(cfg: JobConfig) -> tuple[Tokenizer, Any]:
     tok = load_tokenizer(cfg.model.tokenizer)
     return tok, hf_config(cfg, tok.vocab_size, tok.eos_token_id, tok.pad_token_id)
@@ -104,8 +93,10 @@ def _tokenizer_and_config(cfg: JobConfig) -> tuple[Tokenizer, Any]:
 def _data_paths(cfg: JobConfig) -> tuple[Path, Path]:
     train, val = packaged_data_paths()
     if (cfg.data.train_path is None or cfg.data.val_path is None) and cfg.data.format != "e2e":
-        raise ConfigError("config key 'data.val_path': the packaged sample is e2e; set data.train_path and "
-                          "data.val_path for data.format=jsonl")
+        raise ConfigError(
+            "config key 'data.val_path': the packaged sample is e2e; set data.train_path and "
+            "data.val_path for data.format=jsonl"
+        )
     return Path(cfg.data.train_path or train), Path(cfg.data.val_path or val)
 
 
@@ -141,46 +132,63 @@ def _run_central(cfg: JobConfig) -> None:
     state = {**client_part.adapter_state(), **server_part.adapter_state()}
     _write_model_outputs(cfg, config, server_part, state)
     rss = _peak_rss_mb()
-    log.close(_summary(cfg, log, 1, 1, Traffic().sent_by_kind(), _param_count(client_part), _param_count(server_part),
-                       {"server": rss, "client_max": rss}))
+    log.close(
+        _summary(
+            cfg,
+            log,
+            1,
+            1,
+            Traffic().sent_by_kind(),
+            _param_count(client_part),
+            _param_count(server_part),
+            {"server": rss, "client_max": rss},
+        )
+    )
 
 
 # ---------------------------------------------------------------- split roles
 
 
-def _run_client(cfg: JobConfig, transport: Any) -> None:
+def _run_client(cfg: JobConfig, transport: Transport) -> None:
     from .client import Client
-    from .protocol import SERVER
 
     num_clients = transport.size - 1
     index = transport.rank - 1
-    hello: dict[str, Any] = {"error": None}
+    hello: dict[str, Any] = {}
+    error = None
     try:
         tok, config = _tokenizer_and_config(cfg)
         train, val = _load_data(cfg, tok)
         rows = partition(train.groups, num_clients, cfg.data.partition, cfg.data.dirichlet_alpha, cfg.run.seed)[index]
-        part = SplitPart(cfg, config, "client", transport.device)
-        hello.update(fingerprint=_fingerprint(cfg), val_rows=len(val), adapter_numel=_param_count(part),
-                     train_rows=len(rows), truncated=train.truncated)
+        part = SplitPart(cfg, config, "client", _device(transport.local_rank))
+        hello = {
+            "val_rows": len(val),
+            "adapter_numel": _param_count(part),
+            "train_rows": len(rows),
+            "truncated": train.truncated,
+        }
     except ConfigError as e:
-        hello["error"] = str(e)
-    transport.send_object(SERVER, HANDSHAKE, hello)
-    verdict = transport.recv_objects([SERVER], HANDSHAKE)[SERVER]
-    if verdict is not None:
-        raise ConfigError(verdict)
+        error = str(e)
+    transport.client_handshake(fingerprint(cfg), hello, error)
     transport.open_clients_group()
     client = Client(cfg, part, train, rows, val, transport, index, num_clients)
     client.run()
     if transport.rank == 1:  # after the final average every client holds the same adapter
         adapter = {k: v.detach().cpu().numpy() for k, v in part.adapter_state().items()}
-        transport.send_object(SERVER, EXPORT_PHASE, adapter, kind="adapters")
-    transport.send_object(SERVER, STATS, {
-        "tokens": client.tokens, "peak_rss_mb": _peak_rss_mb(), "trainable_params": _param_count(part),
-        "allreduce_bytes": transport.traffic.sent_bytes[("clients", "adapters")],
-    })
+        transport.send_object(SERVER, EXPORT, adapter, kind="adapters")
+    transport.send_object(
+        SERVER,
+        STATS,
+        {
+            "tokens": client.tokens,
+            "peak_rss_mb": _peak_rss_mb(),
+            "trainable_params": _param_count(part),
+            "allreduce_bytes": transport.traffic.sent_bytes[("clients", "adapters")],
+        },
+    )
 
 
-def _run_server(cfg: JobConfig, transport: Any) -> None:
+def _run_server(cfg: JobConfig, transport: Transport) -> None:
     from .server import Server
 
     clients = list(range(1, transport.size))
@@ -188,20 +196,19 @@ def _run_server(cfg: JobConfig, transport: Any) -> None:
     try:
         check_writable(cfg.out_dir)
         tok, config = _tokenizer_and_config(cfg)
-        part = SplitPart(cfg, config, "server", transport.device)
+        part = SplitPart(cfg, config, "server", _device(transport.local_rank))
     except ConfigError as e:
         error = str(e)
-    hellos = transport.recv_objects(clients, HANDSHAKE)
-    verdict = error or _handshake_verdict(cfg, hellos)
-    for c in clients:
-        transport.send_object(c, HANDSHAKE, verdict)
-    if verdict is not None:
-        raise ConfigError(verdict)
+    hellos = transport.server_handshake(clients, fingerprint(cfg), error)
+    if len({h["val_rows"] for h in hellos.values()}) > 1:
+        raise ConfigError("data.val_path: the clients read validation files of different lengths")
     transport.open_clients_group()
     h = hellos[1]
-    say(f"server: {len(clients)} clients, {sum(x['train_rows'] for x in hellos.values())} training rows "
+    say(
+        f"server: {len(clients)} clients, {sum(x['train_rows'] for x in hellos.values())} training rows "
         f"({h['truncated']} truncated to {cfg.data.max_seq_len} tokens), {h['val_rows']} validation rows, "
-        f"{cfg.train.steps} steps")
+        f"{cfg.train.steps} steps"
+    )
     val_batches = {c: -(-len(shard(h["val_rows"], len(clients), c - 1)) // cfg.train.batch_size) for c in clients}
     server = Server(cfg, part, transport, clients, val_batches)
     log = RunLog(cfg.out_dir, cfg.to_yaml(), cfg.train.steps, cfg.train.log_every)
@@ -209,42 +216,34 @@ def _run_server(cfg: JobConfig, transport: Any) -> None:
     averages = 0
 
     def on_step(step: int, loss: float, tokens: int, lr: float, val: float | None) -> None:
+        # every byte a client sends goes to rank 0, except its Allreduce buffer (known size)
         nonlocal averages
-        from .training import is_aggregation_step
-
         averages += is_aggregation_step(step, cfg.train)
         allreduce = averages * len(clients) * (numel + 1) * 8
-        log.step(step, loss, tokens, lr, val, transport.traffic.total_sent() + transport.traffic.total_received() + allreduce)
+        log.step(
+            step, loss, tokens, lr, val, transport.traffic.total_sent() + transport.traffic.total_received() + allreduce
+        )
 
     server.run(on_step)
-    adapter = transport.recv_objects([1], EXPORT_PHASE, kind="adapters")[1]
+    adapter = transport.recv_objects([1], EXPORT, kind="adapters")[1]
     stats = transport.recv_objects(clients, STATS)
     state = {**{k: torch.from_numpy(v) for k, v in adapter.items()}, **part.adapter_state()}
     _write_model_outputs(cfg, config, part, state)
     t = transport.traffic
     by_kind = {k: t.sent_by_kind()[k] + t.received_by_kind()[k] for k in t.sent_by_kind()}
     by_kind["adapters"] += sum(s["allreduce_bytes"] for s in stats.values())
-    log.close(_summary(cfg, log, transport.size, len(clients), by_kind,
-                       stats[1]["trainable_params"], _param_count(part),
-                       {"server": _peak_rss_mb(), "client_max": max(s["peak_rss_mb"] for s in stats.values())}))
-
-
-def _handshake_verdict(cfg: JobConfig, hellos: dict[int, dict[str, Any]]) -> str | None:
-    """None when every client is ready and configured like the server, else the one-line reason."""
-    for rank in sorted(hellos):
-        if hellos[rank]["error"]:
-            return hellos[rank]["error"]
-    mine = _fingerprint(cfg)
-    for rank in sorted(hellos):
-        theirs = hellos[rank]["fingerprint"]
-        for key in sorted(set(mine) | set(theirs)):
-            if mine.get(key) != theirs.get(key):
-                return (f"handshake refused: rank {rank} was started with {key}={theirs.get(key)!r}, "
-                        f"the server with {key}={mine.get(key)!r}; every rank needs the same config")
-    rows = {h["val_rows"] for h in hellos.values()}
-    if len(rows) > 1:
-        return f"handshake refused: clients read different validation files ({sorted(rows)} rows)"
-    return None
+    log.close(
+        _summary(
+            cfg,
+            log,
+            transport.size,
+            len(clients),
+            by_kind,
+            stats[1]["trainable_params"],
+            _param_count(part),
+            {"server": _peak_rss_mb(), "client_max": max(s["peak_rss_mb"] for s in stats.values())},
+        )
+    )
 
 
 # ---------------------------------------------------------------- outputs
@@ -262,8 +261,16 @@ def _write_model_outputs(cfg: JobConfig, config: Any, part: SplitPart, state: di
         export_adapter(tmp, part, state, base_ref)
 
 
-def _summary(cfg: JobConfig, log: RunLog, world_size: int, num_clients: int, bytes_by_kind: dict[str, int],
-             client_params: int, server_params: int, peak_rss_mb: dict[str, float]) -> dict[str, Any]:
+def _summary(
+    cfg: JobConfig,
+    log: RunLog,
+    world_size: int,
+    num_clients: int,
+    bytes_by_kind: dict[str, int],
+    client_params: int,
+    server_params: int,
+    peak_rss_mb: dict[str, float],
+) -> dict[str, Any]:
     wall = log.wall_s
     return {
         "mode": cfg.run.mode,

@@ -7,7 +7,7 @@ gradient slice of the activations it sent.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -20,8 +20,9 @@ KINDS_UP = ["activations", "labels"]
 
 
 class Server:
-    def __init__(self, cfg: JobConfig, part: SplitPart, transport: Transport, clients: list[int],
-                 val_batches: dict[int, int]):
+    def __init__(
+        self, cfg: JobConfig, part: SplitPart, transport: Transport, clients: list[int], val_batches: dict[int, int]
+    ):
         self.cfg = cfg
         self.part = part
         self.trainer = PartTrainer(part, cfg.train)
@@ -30,6 +31,7 @@ class Server:
         self.val_batches = val_batches  # validation batches each client will send
         self.wire_dtype = getattr(torch, cfg.comm.activation_dtype)
         self.compute_dtype = getattr(torch, cfg.model.dtype)
+        self.device = next(part.parameters()).device
         self.tokens = 0
 
     def run(self, on_step: Callable[[int, float, int, float, float | None], None]) -> None:
@@ -46,8 +48,8 @@ class Server:
             if acts.step != step:
                 raise RuntimeError(f"rank 0: rank {rank} sent activations of step {acts.step} during step {step}")
         order = sorted(uploads)
-        h = torch.cat([uploads[r][0].tensor for r in order]).to(self.compute_dtype)
-        side = torch.cat([uploads[r][1].tensor for r in order], dim=1).long()
+        h = torch.cat([uploads[r][0].tensor for r in order]).to(self.device, self.compute_dtype)
+        side = torch.cat([uploads[r][1].tensor for r in order], dim=1).to(self.device).long()
         return h, side[0], side[1]
 
     def train_step(self, step: int) -> tuple[float, int]:

@@ -54,7 +54,10 @@ class PartTrainer:
 
 
 def server_update(
-    trainer: PartTrainer, activations: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+    trainer: PartTrainer,
+    activations: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
     label_smoothing: float,
 ) -> tuple[float, torch.Tensor]:
     """The server's half of a step: loss over the concatenated batch, server step, and the

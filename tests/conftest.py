@@ -13,7 +13,9 @@ import pytest
 MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
 
 
-def run_cmd(args: list[str], cwd: Path, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_cmd(
+    args: list[str], cwd: Path, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """Run a command with a hard timeout (a hung MPI job fails the test instead of the suite)."""
     full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
@@ -31,5 +33,15 @@ def splitlora(*args: str, ranks: int | None = None) -> list[str]:
 @pytest.fixture
 def tiny_args() -> list[str]:
     """A few fast steps of the default model; every knob that matters for equivalence pinned."""
-    return ["--set", "train.steps=6", "--set", "train.log_every=1", "--set", "train.aggregate_every=3",
-            "--set", "train.eval_every=3", "--set", "train.warmup_steps=2"]
+    return [
+        "--set",
+        "train.steps=6",
+        "--set",
+        "train.log_every=1",
+        "--set",
+        "train.aggregate_every=3",
+        "--set",
+        "train.eval_every=3",
+        "--set",
+        "train.warmup_steps=2",
+    ]

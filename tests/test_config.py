@@ -23,8 +23,16 @@ def test_repo_default_is_the_packaged_one():
 def test_overrides_parse_yaml_scalars(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("train:\n  steps: 7\nlora:\n  r: 2\n")
-    cfg = load_config(f, ["lora.r=8", "train.lr=1e-3", "model.config.n_layer=6", "lora.target_modules=[c_attn, c_proj]",
-                          "run.out_dir=null"])
+    cfg = load_config(
+        f,
+        [
+            "lora.r=8",
+            "train.lr=1e-3",
+            "model.config.n_layer=6",
+            "lora.target_modules=[c_attn, c_proj]",
+            "run.out_dir=null",
+        ],
+    )
     assert cfg.train.steps == 7 and cfg.lora.r == 8 and cfg.train.lr == 1e-3
     assert cfg.model.config["n_layer"] == 6 and cfg.model.config["n_embd"] == 64  # merged into the default dict
     assert cfg.lora.target_modules == ["c_attn", "c_proj"] and cfg.run.out_dir is None
@@ -36,23 +44,26 @@ def test_model_config_with_model_type_replaces_default(tmp_path):
     assert load_config(f).model.config == {"model_type": "llama", "hidden_size": 32}
 
 
-@pytest.mark.parametrize("override, key, expected", [
-    ("train.lr=-1", "train.lr", "> 0"),
-    ("train.batch_size=0", "train.batch_size", "≥ 1"),
-    ("train.nope=1", "train.nope", "unknown key"),
-    ("nope.x=1", "nope", "unknown key"),
-    ("lora.r=abc", "lora.r", "an integer"),
-    ("lora.r=2.5", "lora.r", "an integer"),
-    ("run.mode=magic", "run.mode", "one of"),
-    ("metrics.enabled=maybe", "metrics.enabled", "true or false"),
-    ("metrics.enabled=true", "metrics.enabled", "not implemented yet"),
-    ("checkpoint.every=5", "checkpoint.every", "not implemented yet"),
-    ("data.max_seq_len=4", "data.max_seq_len", "≥ 8"),
-    ("metrics.port=70000", "metrics.port", "≤ 65535"),
-    ("train.eval_every=7", "train.eval_every", "multiple of train.aggregate_every"),
-    ("model.config.model_type=bert", "model.config.model_type", "one of gpt2"),
-    ("lora.dropout=1", "lora.dropout", "< 1"),
-])
+@pytest.mark.parametrize(
+    "override, key, expected",
+    [
+        ("train.lr=-1", "train.lr", "> 0"),
+        ("train.batch_size=0", "train.batch_size", "≥ 1"),
+        ("train.nope=1", "train.nope", "unknown key"),
+        ("nope.x=1", "nope", "unknown key"),
+        ("lora.r=abc", "lora.r", "an integer"),
+        ("lora.r=2.5", "lora.r", "an integer"),
+        ("run.mode=magic", "run.mode", "one of"),
+        ("metrics.enabled=maybe", "metrics.enabled", "true or false"),
+        ("metrics.enabled=true", "metrics.enabled", "not implemented yet"),
+        ("checkpoint.every=5", "checkpoint.every", "not implemented yet"),
+        ("data.max_seq_len=4", "data.max_seq_len", "≥ 8"),
+        ("metrics.port=70000", "metrics.port", "≤ 65535"),
+        ("train.eval_every=7", "train.eval_every", "multiple of train.aggregate_every"),
+        ("model.config.model_type=bert", "model.config.model_type", "one of gpt2"),
+        ("lora.dropout=1", "lora.dropout", "< 1"),
+    ],
+)
 def test_bad_values_name_the_key(override, key, expected):
     with pytest.raises(ConfigError) as e:
         load_config(overrides=[override])
@@ -72,8 +83,9 @@ def test_bad_set_syntax_and_missing_file(tmp_path):
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "splitlora_mpi", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "splitlora_mpi", *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_cli_bad_config_is_one_line_exit_2(tmp_path):

@@ -7,7 +7,14 @@ import pytest
 
 from splitlora_mpi.config import ConfigError
 from splitlora_mpi.data import (
-    ByteTokenizer, Sampler, encode_examples, load_tokenizer, make_batch, packaged_data_paths, partition, read_examples,
+    ByteTokenizer,
+    Sampler,
+    encode_examples,
+    load_tokenizer,
+    make_batch,
+    packaged_data_paths,
+    partition,
+    read_examples,
     shard,
 )
 
@@ -28,20 +35,25 @@ def test_byte_tokenizer_round_trip():
 
 def test_read_e2e_and_jsonl(tmp_path):
     ex = read_examples(_write(tmp_path, "name : A | food : B||A serves B .\n\nname : C||C .\n"), "e2e")
-    assert [(e.prompt, e.completion, e.group) for e in ex] == [("name : A | food : B", "A serves B .", "name : A | food : B"),
-                                                            ("name : C", "C .", "name : C")]
+    assert [(e.prompt, e.completion, e.group) for e in ex] == [
+        ("name : A | food : B", "A serves B .", "name : A | food : B"),
+        ("name : C", "C .", "name : C"),
+    ]
     j = read_examples(_write(tmp_path, '{"prompt": "Q: 1+1?", "completion": " 2"}\n', "d.jsonl"), "jsonl")
     assert j[0].prompt == "Q: 1+1?" and j[0].completion == " 2"
 
 
-@pytest.mark.parametrize("content, fmt, line, expected", [
-    ("", "e2e", None, "no examples"),
-    ("a||b\nno separator here\n", "e2e", 2, "'||'"),
-    ("a||\n", "e2e", 1, "empty text"),
-    (b"a||b\n\xff\xfe\x00garbage\n", "e2e", 2, "not UTF-8"),
-    ('{"prompt": "x"\n', "jsonl", 1, "invalid JSON"),
-    ('{"prompt": "x", "completion": 3}\n', "jsonl", 1, "string fields"),
-])
+@pytest.mark.parametrize(
+    "content, fmt, line, expected",
+    [
+        ("", "e2e", None, "no examples"),
+        ("a||b\nno separator here\n", "e2e", 2, "'||'"),
+        ("a||\n", "e2e", 1, "empty text"),
+        (b"a||b\n\xff\xfe\x00garbage\n", "e2e", 2, "not UTF-8"),
+        ('{"prompt": "x"\n', "jsonl", 1, "invalid JSON"),
+        ('{"prompt": "x", "completion": 3}\n', "jsonl", 1, "string fields"),
+    ],
+)
 def test_bad_data_names_file_and_line(tmp_path, content, fmt, line, expected):
     p = _write(tmp_path, content)
     with pytest.raises(ConfigError) as e:

@@ -13,10 +13,25 @@ from splitlora_mpi.config import ConfigError, load_config
 from splitlora_mpi.model import SplitPart, build_base, export_adapter, hf_config
 
 CPU = torch.device("cpu")
-LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
-         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
-GPT2 = {"model_type": "gpt2", "n_embd": 32, "n_layer": 3, "n_head": 2, "n_positions": 64,
-        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+}
+GPT2 = {
+    "model_type": "gpt2",
+    "n_embd": 32,
+    "n_layer": 3,
+    "n_head": 2,
+    "n_positions": 64,
+    "resid_pdrop": 0.0,
+    "embd_pdrop": 0.0,
+    "attn_pdrop": 0.0,
+}
 FAMILIES = {"gpt2": GPT2, "llama": LLAMA, "qwen2": {**LLAMA, "model_type": "qwen2"}}
 
 
@@ -126,8 +141,9 @@ def test_exported_adapter_loads_with_peft_and_matches_the_split(tmp_path):
     client, server = SplitPart(cfg, config, "client", CPU), SplitPart(cfg, config, "server", CPU)
     _randomise_lora_b(client, server)
     build_base(cfg, config, "full", CPU).save_pretrained(tmp_path / "base")
-    export_adapter(tmp_path / "adapter", server, {**client.adapter_state(), **server.adapter_state()},
-                   str(tmp_path / "base"))
+    export_adapter(
+        tmp_path / "adapter", server, {**client.adapter_state(), **server.adapter_state()}, str(tmp_path / "base")
+    )
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
     model = PeftModel.from_pretrained(base, tmp_path / "adapter")
     ids, mask, labels = _batch()

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cmd, splitlora
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from conftest import run_cmd, splitlora
 from splitlora_mpi.config import load_config
 from splitlora_mpi.data import encode_examples, load_tokenizer, make_batch, packaged_data_paths, read_examples
 from splitlora_mpi.training import lm_loss_sum
@@ -34,12 +34,23 @@ def _adapter(out: Path) -> dict[str, torch.Tensor]:
 def equivalence_runs(tmp_path_factory) -> tuple[Path, Path]:
     """The same config twice: 1 server + 1 client over MPI, and the central baseline."""
     tmp = tmp_path_factory.mktemp("equiv")
-    common = ["--set", "train.steps=8", "--set", "train.log_every=1", "--set", "train.aggregate_every=4",
-              "--set", "train.eval_every=4", "--set", "train.warmup_steps=2"]
+    common = [
+        "--set",
+        "train.steps=8",
+        "--set",
+        "train.log_every=1",
+        "--set",
+        "train.aggregate_every=4",
+        "--set",
+        "train.eval_every=4",
+        "--set",
+        "train.warmup_steps=2",
+    ]
     split = run_cmd(splitlora(*common, "--set", "run.out_dir=split", ranks=2), cwd=tmp, timeout=300)
     assert split.returncode == 0, split.stderr[-3000:]
-    central = run_cmd(splitlora(*common, "--set", "run.out_dir=central", "--set", "run.mode=central"), cwd=tmp,
-                      timeout=300)
+    central = run_cmd(
+        splitlora(*common, "--set", "run.out_dir=central", "--set", "run.mode=central"), cwd=tmp, timeout=300
+    )
     assert central.returncode == 0, central.stderr[-3000:]
     return tmp / "split", tmp / "central"
 
@@ -62,8 +73,15 @@ def test_split_with_one_client_equals_central(equivalence_runs):
 
 def test_outputs_and_summary_keys(equivalence_runs):
     split, _ = equivalence_runs
-    for name in ("config.yaml", "metrics.jsonl", "summary.json", "adapter/adapter_config.json",
-                 "adapter/adapter_model.safetensors", "base/config.json", "base/model.safetensors"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "summary.json",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "base/config.json",
+        "base/model.safetensors",
+    ):
         assert (split / name).is_file(), name
     s = _summary(split)
     assert s["mode"] == "splitlora" and s["world_size"] == 2 and s["num_clients"] == 1 and s["steps"] == 8
@@ -99,16 +117,18 @@ def test_exported_adapter_reproduces_final_val_loss(equivalence_runs):
     with torch.no_grad():
         for start in range(0, len(val), 16):
             batch = make_batch(val, list(range(start, min(start + 16, len(val)))))
-            loss_sum, n = lm_loss_sum(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits,
-                                      batch.labels)
+            loss_sum, n = lm_loss_sum(
+                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, batch.labels
+            )
             total, count = total + float(loss_sum), count + n
     assert total / count == pytest.approx(_summary(split)["final_val_loss"], rel=1e-5)
 
 
 def test_default_nine_rank_run_learns(tmp_path):
     """The bare command of the README (1 server + 8 clients), shortened to 40 steps."""
-    r = run_cmd(splitlora("--set", "train.steps=40", "--set", "train.eval_every=20", ranks=9), cwd=tmp_path,
-                timeout=600)
+    r = run_cmd(
+        splitlora("--set", "train.steps=40", "--set", "train.eval_every=20", ranks=9), cwd=tmp_path, timeout=600
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "runs" / "splitlora"
     rows = _rows(out)
@@ -138,8 +158,22 @@ def test_handshake_refuses_a_client_with_another_config(tmp_path):
 
     from conftest import MPIRUN
 
-    cmd = [MPIRUN, "-n", "2", sys.executable, "-m", "splitlora_mpi", ":",
-           "-n", "1", sys.executable, "-m", "splitlora_mpi", "--set", "lora.r=8"]
+    cmd = [
+        MPIRUN,
+        "-n",
+        "2",
+        sys.executable,
+        "-m",
+        "splitlora_mpi",
+        ":",
+        "-n",
+        "1",
+        sys.executable,
+        "-m",
+        "splitlora_mpi",
+        "--set",
+        "lora.r=8",
+    ]
     r = run_cmd(cmd, cwd=tmp_path, timeout=180)
     assert r.returncode == 2, r.stderr[-2000:]
     lines = [line for line in r.stderr.splitlines() if line.strip()]
