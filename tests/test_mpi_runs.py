@@ -179,3 +179,67 @@ def test_handshake_refuses_a_client_with_another_config(tmp_path):
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "lora.r" in lines[0] and "rank 2" in lines[0]
     assert not (tmp_path / "runs" / "splitlora" / "summary.json").exists()
+
+
+def test_bad_client_data_is_reported_once_by_rank_0(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_text("name : A||A .\nthis line has no separator\n")
+    r = run_cmd(splitlora("--set", f"data.train_path={bad}", ranks=3), cwd=tmp_path, timeout=180)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and f"{bad}:2" in lines[0] and "'||'" in lines[0]
+    assert not (tmp_path / "runs" / "splitlora" / "metrics.jsonl").exists()
+
+
+def test_llama_family_split_run(tmp_path):
+    r = run_cmd(
+        splitlora(
+            "--set", "model.config={model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 3, "
+            "num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 128}",
+            "--set", "split.client_layers=2", "--set", "train.steps=6", "--set", "train.eval_every=0",
+            "--set", "train.aggregate_every=3", "--set", "train.log_every=1",
+            ranks=3,
+        ),
+        cwd=tmp_path,
+        timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "runs" / "splitlora"
+    adapter = _adapter(out)
+    assert any(k.startswith("base_model.model.model.layers.0.") for k in adapter)  # client layers
+    assert any(k.startswith("base_model.model.model.layers.2.") for k in adapter)  # server layer
+    assert _summary(out)["num_clients"] == 2 and len(_rows(out)) == 6
+
+
+def test_pretrained_local_model_and_bpe_tokenizer(tmp_path):
+    """The real-model path: a saved GPT-2 directory and the GPT-2 BPE tokenizer from files."""
+    import shutil
+
+    from transformers import AutoConfig
+
+    vocab = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt2-vocab"
+    model_dir = tmp_path / "tiny-gpt2"
+    model_dir.mkdir()
+    shutil.copy(vocab / "encoder.json", model_dir / "vocab.json")
+    shutil.copy(vocab / "vocab.bpe", model_dir / "merges.txt")
+    config = AutoConfig.for_model("gpt2", n_embd=32, n_layer=2, n_head=2, n_positions=128, vocab_size=50257)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    r = run_cmd(
+        splitlora(
+            "--set", f"model.name_or_path={model_dir}", "--set", f"model.tokenizer={model_dir}",
+            "--set", "train.steps=4", "--set", "train.eval_every=0", "--set", "train.aggregate_every=2",
+            "--set", "data.max_seq_len=64",
+            ranks=3,
+        ),
+        cwd=tmp_path,
+        timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "runs" / "splitlora"
+    assert not (out / "base").exists()  # the user has the base model already
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), out / "adapter")
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        model_dir
+    )
+    assert _summary(out)["final_val_loss"] > 0 and model is not None
