@@ -6,12 +6,14 @@ schedule and loss, so a split run with one client must match it step for step.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
 
 from .config import JobConfig
 from .data import EncodedData, Sampler, make_batch
+from .metrics import Metrics
 from .model import SplitPart
 from .training import PartTrainer, eval_loss_sum, is_eval_step, server_update
 
@@ -25,6 +27,7 @@ class Central:
         train: EncodedData,
         train_rows: list[int],
         val: EncodedData,
+        metrics: Metrics,
     ):
         self.cfg = cfg
         self.client = PartTrainer(client_part, cfg.train)
@@ -33,14 +36,19 @@ class Central:
         self.sampler = Sampler(train_rows, cfg.train.batch_size, cfg.run.seed, 0)
         self.val = val
         self.device = next(client_part.parameters()).device
+        self.metrics = metrics
         self.tokens = 0
 
     def run(self, on_step: Callable[[int, float, int, float, float | None], None]) -> None:
         t = self.cfg.train
         for step in range(1, t.steps + 1):
             lr = self.server.lr
+            start = time.perf_counter()
             loss, tokens = self.train_step()
+            self.metrics.step(step, time.perf_counter() - start, tokens, loss)
             val = self.evaluate() if is_eval_step(step, t) else None
+            if val is not None:
+                self.metrics.val_loss(val)
             on_step(step, loss, tokens, lr, val)
 
     def train_step(self) -> tuple[float, int]:

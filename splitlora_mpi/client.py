@@ -7,6 +7,8 @@ Every `train.aggregate_every` steps: FedAvg of the client adapters with the othe
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from . import aggregate
@@ -57,6 +59,7 @@ class Client:
                 self.evaluate(step)
 
     def train_step(self, step: int) -> None:
+        start = time.perf_counter()
         batch = make_batch(self.train, self.sampler.next_indices()).to(self.device)
         h = self.part(batch.input_ids, batch.attention_mask)
         self.transport.send_tensors(
@@ -69,6 +72,7 @@ class Client:
         self.trainer.step()
         self.tokens += batch.tokens
         self.tokens_since_average += batch.tokens
+        self.transport.metrics.step(step, time.perf_counter() - start, batch.tokens)
 
     def average(self) -> None:
         """Token-weighted FedAvg of the client adapters (one Allreduce)."""

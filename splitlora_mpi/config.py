@@ -109,6 +109,8 @@ class MetricsConfig:
     enabled: bool = _f(False, "serve Prometheus metrics on every rank")
     port: int = _f(9400, "base port; a rank serves on port + its local rank", min=1, max=65535)
     addr: str = _f("127.0.0.1", "address the metrics endpoint binds to")
+    linger_s: float = _f(0.0, "keep the endpoint up this long after training (a last scrape for short jobs)", min=0)
+    pushgateway: str | None = _f(None, "host:port of a Prometheus Pushgateway for final values; null = off")
 
 
 @dataclass
@@ -298,10 +300,6 @@ def _check_cross_fields(cfg: JobConfig) -> None:
         raise ConfigError(
             f"config key 'train.eval_every': expected a multiple of train.aggregate_every ({t.aggregate_every}) "
             f"so validation sees averaged adapters, got {t.eval_every}"
-        )
-    if cfg.metrics.enabled:
-        raise ConfigError(
-            "config key 'metrics.enabled': the Prometheus endpoint is not implemented yet (issue 4); expected false"
         )
     if cfg.checkpoint.every:
         raise ConfigError("config key 'checkpoint.every': checkpointing is not implemented yet (issue 6); expected 0")

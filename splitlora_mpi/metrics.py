@@ -1,40 +1,148 @@
-"""Traffic accounting: every byte the protocol moves, by peer and kind, on each side.
+"""This rank's counters: always kept (summary.json needs them), exported to Prometheus when
+`metrics.enabled`. The only importer of prometheus_client (DESIGN §5 fixes names and labels).
 
-A leaf module: the protocol counts into a `Traffic`, the runner reads it for summary.json.
+A leaf module: the protocol counts bytes and times waits into it, the roles record steps.
+With metrics off, recording is a dict increment and nothing else.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Any
 
 KINDS = ("activations", "gradients", "labels", "adapters", "control")
+COMM_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
-class Traffic:
-    """Bytes and messages sent / received by this rank, keyed by (peer, kind)."""
+class Metrics:
+    """Bytes and messages by (peer, kind), communication and step times, progress gauges."""
 
-    def __init__(self) -> None:
+    def __init__(self, rank: int = 0, role: str = "server") -> None:
+        self.rank, self.role = str(rank), role
         self.sent_bytes: dict[tuple[str, str], int] = defaultdict(int)
         self.received_bytes: dict[tuple[str, str], int] = defaultdict(int)
         self.sent_messages: dict[tuple[str, str], int] = defaultdict(int)
+        self._prom: _Prometheus | None = None
+
+    # ------------------------------------------------------------ recording
 
     def sent(self, peer: int | str, kind: str, nbytes: int) -> None:
-        assert kind in KINDS, kind
-        self.sent_bytes[(str(peer), kind)] += nbytes
-        self.sent_messages[(str(peer), kind)] += 1
+        key = (str(peer), kind)
+        self.sent_bytes[key] += nbytes
+        self.sent_messages[key] += 1
+        if self._prom:
+            self._prom.sent(key, nbytes)
 
     def received(self, peer: int | str, kind: str, nbytes: int) -> None:
-        assert kind in KINDS, kind
-        self.received_bytes[(str(peer), kind)] += nbytes
+        key = (str(peer), kind)
+        self.received_bytes[key] += nbytes
+        if self._prom:
+            self._prom.received(key, nbytes)
+
+    @property
+    def timing(self) -> bool:
+        """Whether callers should time their waits (only worth it when exported)."""
+        return self._prom is not None
+
+    def comm(self, op: str, seconds: float) -> None:
+        if self._prom:
+            self._prom.comm[op].observe(seconds)
+
+    def step(self, step: int, seconds: float, tokens: int, train_loss: float | None = None) -> None:
+        if self._prom:
+            self._prom.step_seconds.observe(seconds)
+            self._prom.tokens.inc(tokens)
+            self._prom.step.set(step)
+            if train_loss is not None:
+                self._prom.train_loss.set(train_loss)
+
+    def val_loss(self, loss: float) -> None:
+        if self._prom:
+            self._prom.val_loss.set(loss)
+
+    # ------------------------------------------------------------ reading
 
     def sent_by_kind(self) -> dict[str, int]:
-        return {k: sum(n for (_, kind), n in self.sent_bytes.items() if kind == k) for k in KINDS}
+        return _by_kind(self.sent_bytes)
 
     def received_by_kind(self) -> dict[str, int]:
-        return {k: sum(n for (_, kind), n in self.received_bytes.items() if kind == k) for k in KINDS}
+        return _by_kind(self.received_bytes)
 
     def total_sent(self) -> int:
         return sum(self.sent_bytes.values())
 
     def total_received(self) -> int:
         return sum(self.received_bytes.values())
+
+    # ------------------------------------------------------------ export
+
+    def serve(self, addr: str, port: int) -> None:
+        """Start the /metrics endpoint (raises OSError when the port is taken)."""
+        from prometheus_client import start_http_server
+
+        self._prom = self._prom or _Prometheus(self.rank, self.role)
+        self._server, _ = start_http_server(port, addr=addr, registry=self._prom.registry)
+
+    def stop(self) -> None:
+        if getattr(self, "_server", None) is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+    def push(self, gateway: str, job: str) -> None:
+        """Push final values to a Pushgateway (short jobs end between two scrapes)."""
+        from prometheus_client import push_to_gateway
+
+        self._prom = self._prom or _Prometheus(self.rank, self.role)
+        push_to_gateway(gateway, job=job, registry=self._prom.registry, grouping_key={"rank": self.rank})
+
+
+def _by_kind(counts: dict[tuple[str, str], int]) -> dict[str, int]:
+    return {k: sum(n for (_, kind), n in counts.items() if kind == k) for k in KINDS}
+
+
+class _Prometheus:
+    """The DESIGN §5 series of one rank, in a registry of their own (+ process metrics)."""
+
+    def __init__(self, rank: str, role: str) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        r = self.registry
+        labels = ["rank", "role"]
+        self._sent_bytes = Counter("splitlora_sent_bytes", "Bytes sent", labels + ["peer", "kind"], registry=r)
+        self._received_bytes = Counter(
+            "splitlora_received_bytes", "Bytes received", labels + ["peer", "kind"], registry=r
+        )
+        self._sent_messages = Counter("splitlora_sent_messages", "Messages sent", labels + ["peer", "kind"], registry=r)
+        comm = Histogram("splitlora_comm_seconds", "Time in communication", labels + ["op"], buckets=COMM_BUCKETS,
+                         registry=r)  # fmt: skip
+        self.comm = {op: comm.labels(rank, role, op) for op in ("send", "recv", "allreduce")}
+        mine: dict[str, Any] = {"rank": rank, "role": role}
+        self.step_seconds = Histogram("splitlora_step_seconds", "Wall time of one training step", labels,
+                                      buckets=STEP_BUCKETS, registry=r).labels(**mine)  # fmt: skip
+        self.tokens = Counter("splitlora_tokens", "Non-padding tokens processed", labels, registry=r).labels(**mine)
+        self.train_loss = Gauge("splitlora_train_loss", "Training loss of the last step", labels, registry=r).labels(
+            **mine
+        )
+        self.val_loss = Gauge("splitlora_val_loss", "Last validation loss", labels, registry=r).labels(**mine)
+        self.step = Gauge("splitlora_step", "Last completed step", labels, registry=r).labels(**mine)
+        self._children: dict[tuple[str, str, str], Any] = {}
+        self._mine = (rank, role)
+
+    def _child(self, which: str, key: tuple[str, str]) -> Any:
+        child = self._children.get((which, *key))
+        if child is None:
+            metric = {"sent": self._sent_bytes, "received": self._received_bytes, "messages": self._sent_messages}[
+                which
+            ]
+            child = self._children[(which, *key)] = metric.labels(*self._mine, *key)
+        return child
+
+    def sent(self, key: tuple[str, str], nbytes: int) -> None:
+        self._child("sent", key).inc(nbytes)
+        self._child("messages", key).inc()
+
+    def received(self, key: tuple[str, str], nbytes: int) -> None:
+        self._child("received", key).inc(nbytes)

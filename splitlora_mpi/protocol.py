@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pickle
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,7 @@ from mpi4py import MPI
 
 from . import __version__
 from .config import ConfigError, JobConfig
-from .metrics import Traffic
+from .metrics import Metrics
 
 SERVER = 0
 HEADER_LEN = 8
@@ -58,12 +59,12 @@ def abort(code: int) -> None:
 class Transport:
     """Counted, deadline-bounded point-to-point messages and the clients' Allreduce."""
 
-    def __init__(self, timeout_s: float, traffic: Traffic):
+    def __init__(self, timeout_s: float, metrics: Metrics):
         self.comm = MPI.COMM_WORLD
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
         self.timeout_s = timeout_s
-        self.traffic = traffic
+        self.metrics = metrics
         node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
         self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
         node.Free()
@@ -71,23 +72,32 @@ class Transport:
 
     # ------------------------------------------------------------ waiting
 
-    def _wait(self, requests: list[MPI.Request], what: str, peers: list[int]) -> None:
+    def _poll(self, done: Callable[[], bool], op: str, pending: Callable[[], list[int]], what: str) -> None:
+        """Call `done()` until it is true: a short spin, then 1 ms sleeps, up to comm.timeout_s."""
+        start = time.perf_counter()
         deadline = time.monotonic() + self.timeout_s
         spins = 0
-        while not MPI.Request.Testall(requests):
+        while not done():
             spins += 1
             if spins > 50:
                 time.sleep(0.001)
             if time.monotonic() > deadline:
-                pending = [p for p, r in zip(peers, requests) if not r.Test()]
                 raise CommTimeout(
-                    f"rank {self.rank}: no answer from rank(s) {sorted(set(pending))} within "
+                    f"rank {self.rank}: no answer from rank(s) {sorted(set(pending()))} within "
                     f"comm.timeout_s={self.timeout_s:g} s while {what}"
                 )
+        if self.metrics.timing:
+            self.metrics.comm(op, time.perf_counter() - start)
+
+    def _wait(self, requests: list[MPI.Request], op: str, what: str, peers: list[int]) -> None:
+        def pending() -> list[int]:
+            return [p for p, r in zip(peers, requests) if not r.Test()]
+
+        self._poll(lambda: MPI.Request.Testall(requests), op, pending, what)
 
     def barrier(self, what: str) -> None:
         """A barrier that sleeps instead of spinning, with a deadline."""
-        self._wait([self.comm.Ibarrier()], what, [-1])
+        self._wait([self.comm.Ibarrier()], "recv", what, [-1])
 
     # ------------------------------------------------------------ tensors
 
@@ -104,40 +114,34 @@ class Transport:
                 requests.append(self.comm.Isend([header, MPI.INT64_T], dest, tag + _HEADER))
                 requests.append(self.comm.Isend([payload, MPI.BYTE], dest, tag + _PAYLOAD))
                 peers += [dest, dest]
-                self.traffic.sent(dest, "control", header.nbytes)
-                self.traffic.sent(dest, kind, payload.nbytes)
-        self._wait(requests, f"sending phase {phase} step {step}", peers)
+                self.metrics.sent(dest, "control", header.nbytes)
+                self.metrics.sent(dest, kind, payload.nbytes)
+        self._wait(requests, "send", f"sending phase {phase} step {step}", peers)
 
     def recv_tensors(self, sources: list[int], phase: int, kinds: list[str]) -> dict[int, list[Message]]:
-        """Receive len(kinds) tensors from each source, in whatever order the sources send."""
+        """Receive len(kinds) tensors from each source, in whatever order the sources send:
+        a payload receive is posted as soon as its header arrives."""
         headers = {(s, i): np.zeros(HEADER_LEN, dtype=np.int64) for s in sources for i in range(len(kinds))}
-        pending = {
-            key: self.comm.Irecv([buf, MPI.INT64_T], key[0], phase + 2 * key[1] + _HEADER)
-            for key, buf in headers.items()
-        }
+        waiting = {key: self.comm.Irecv([buf, MPI.INT64_T], key[0], phase + 2 * key[1] + _HEADER)
+                   for key, buf in headers.items()}  # fmt: skip
         payloads: dict[tuple[int, int], tuple[MPI.Request, np.ndarray]] = {}
-        deadline = time.monotonic() + self.timeout_s
-        spins = 0
-        while pending or not all(req.Test() for req, _ in payloads.values()):
-            for key in [k for k, req in pending.items() if req.Test()]:
-                del pending[key]
-                nbytes = _nbytes(headers[key])
-                buf = np.empty(nbytes, dtype=np.uint8)
+
+        def done() -> bool:
+            for key in [k for k, req in waiting.items() if req.Test()]:
+                del waiting[key]
+                buf = np.empty(_nbytes(headers[key]), dtype=np.uint8)
                 payloads[key] = (self.comm.Irecv([buf, MPI.BYTE], key[0], phase + 2 * key[1] + _PAYLOAD), buf)
-            spins += 1
-            if spins > 50:
-                time.sleep(0.001)
-            if time.monotonic() > deadline:
-                waiting = sorted({s for s, _ in pending} | {s for (s, _), (r, _) in payloads.items() if not r.Test()})
-                raise CommTimeout(
-                    f"rank {self.rank}: no answer from rank(s) {waiting} within comm.timeout_s={self.timeout_s:g} s "
-                    f"while receiving phase {phase}"
-                )
+            return not waiting and all(req.Test() for req, _ in payloads.values())
+
+        def pending() -> list[int]:
+            return [s for s, _ in waiting] + [s for (s, _), (req, _) in payloads.items() if not req.Test()]
+
+        self._poll(done, "recv", pending, f"receiving phase {phase}")
         out: dict[int, list[Message]] = {s: [] for s in sources}
         for (source, i), (_, buf) in sorted(payloads.items()):
             header = headers[(source, i)]
-            self.traffic.received(source, "control", header.nbytes)
-            self.traffic.received(source, kinds[i], buf.nbytes)
+            self.metrics.received(source, "control", header.nbytes)
+            self.metrics.received(source, kinds[i], buf.nbytes)
             out[source].append(Message(int(header[0]), _tensor(header, buf)))
         return out
 
@@ -145,31 +149,24 @@ class Transport:
 
     def send_object(self, dest: int, phase: int, obj: Any, kind: str = "control") -> None:
         data = np.frombuffer(pickle.dumps(obj), dtype=np.uint8)
-        self.traffic.sent(dest, kind, data.nbytes)
-        self._wait([self.comm.Isend([data, MPI.BYTE], dest, phase)], f"sending phase {phase} to rank {dest}", [dest])
+        self.metrics.sent(dest, kind, data.nbytes)
+        self._wait([self.comm.Isend([data, MPI.BYTE], dest, phase)], "send", f"sending phase {phase}", [dest])
 
     def recv_objects(self, sources: list[int], phase: int, kind: str = "control") -> dict[int, Any]:
-        """Receive one pickled object from each source, probing (with a deadline) for its size."""
+        """Receive one pickled object from each source, probing for its size."""
         out: dict[int, Any] = {}
-        deadline = time.monotonic() + self.timeout_s
         status = MPI.Status()
-        while len(out) < len(sources):
-            progressed = False
+
+        def done() -> bool:
             for source in sources:
                 if source not in out and self.comm.Iprobe(source, phase, status):
                     buf = np.empty(status.Get_count(MPI.BYTE), dtype=np.uint8)
                     self.comm.Recv([buf, MPI.BYTE], source, phase)
-                    self.traffic.received(source, kind, buf.nbytes)
+                    self.metrics.received(source, kind, buf.nbytes)
                     out[source] = pickle.loads(buf.tobytes())
-                    progressed = True
-            if not progressed:
-                if time.monotonic() > deadline:
-                    missing = [s for s in sources if s not in out]
-                    raise CommTimeout(
-                        f"rank {self.rank}: no answer from rank(s) {missing} within "
-                        f"comm.timeout_s={self.timeout_s:g} s while receiving phase {phase}"
-                    )
-                time.sleep(0.001)
+            return len(out) == len(sources)
+
+        self._poll(done, "recv", lambda: [s for s in sources if s not in out], f"receiving phase {phase}")
         return out
 
     # ------------------------------------------------------------ handshake
@@ -204,9 +201,9 @@ class Transport:
         assert self._clients is not None, "open_clients_group() first"
         out = np.empty_like(buf)
         req = self._clients.Iallreduce([buf, MPI.DOUBLE], [out, MPI.DOUBLE], MPI.SUM)
-        self.traffic.sent("clients", "adapters", buf.nbytes)
-        self.traffic.received("clients", "adapters", out.nbytes)
-        self._wait([req], "averaging client adapters (Allreduce)", [-1])
+        self.metrics.sent("clients", "adapters", buf.nbytes)
+        self.metrics.received("clients", "adapters", out.nbytes)
+        self._wait([req], "allreduce", "averaging client adapters (Allreduce)", [-1])
         return out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import resource
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,9 @@ from .data import (
     read_examples,
     shard,
 )
-from .metrics import Traffic
+from .metrics import Metrics
 from .model import SplitPart, build_base, export_adapter, hf_config
-from .protocol import EXPORT, SERVER, STATS, Transport, fingerprint, world_size
+from .protocol import EXPORT, SERVER, STATS, Transport, fingerprint, world_rank, world_size
 from .runlog import RunLog, atomic_dir, check_writable, say
 from .training import is_aggregation_step
 
@@ -39,17 +40,17 @@ def run(cfg: JobConfig) -> None:
                 "start it without mpirun: python -m splitlora_mpi --set run.mode=central"
             )
         _set_threads(1)
-        return _run_central(cfg)
+        return _run_central(cfg, Metrics(0, "central"))
     if world_size() < 2:
         raise ConfigError(
             f"config key 'run.mode': '{cfg.run.mode}' needs 1 server + at least 1 client rank, got 1 rank. "
             "Launch with `mpirun -n 9 python -m splitlora_mpi` using the mpirun of the MPI that mpi4py loaded "
             "(pip's mpich wheel puts it next to python); another launcher starts N separate 1-rank jobs"
         )
-    traffic = Traffic()
-    transport = Transport(cfg.comm.timeout_s, traffic)
+    rank = world_rank()
+    transport = Transport(cfg.comm.timeout_s, Metrics(rank, "server" if rank == SERVER else "client"))
     _set_threads(transport.local_size)
-    if transport.rank == SERVER:
+    if rank == SERVER:
         _run_server(cfg, transport)
     else:
         _run_client(cfg, transport)
@@ -115,35 +116,29 @@ def _param_count(part: SplitPart) -> int:
 # ---------------------------------------------------------------- central
 
 
-def _run_central(cfg: JobConfig) -> None:
+def _run_central(cfg: JobConfig, metrics: Metrics) -> None:
     from .central import Central
 
     check_writable(cfg.out_dir)
     tok, config = _tokenizer_and_config(cfg)
     train, val = _load_data(cfg, tok)
+    _serve_metrics(cfg, metrics, 0)
     rows = partition(train.groups, 1, cfg.data.partition, cfg.data.dirichlet_alpha, cfg.run.seed)[0]
     device = _device(0)
     client_part = SplitPart(cfg, config, "client", device)
     server_part = SplitPart(cfg, config, "server", device)
-    job = Central(cfg, client_part, server_part, train, rows, val)
+    job = Central(cfg, client_part, server_part, train, rows, val, metrics)
     log = RunLog(cfg.out_dir, cfg.to_yaml(), cfg.train.steps, cfg.train.log_every)
     say(f"central: {len(rows)} training rows, {len(val)} validation rows, {cfg.train.steps} steps")
     job.run(lambda step, loss, tokens, lr, val_loss: log.step(step, loss, tokens, lr, val_loss, 0))
-    state = {**client_part.adapter_state(), **server_part.adapter_state()}
-    _write_model_outputs(cfg, config, server_part, state)
+    _write_model_outputs(cfg, config, server_part, {**client_part.adapter_state(), **server_part.adapter_state()})
     rss = _peak_rss_mb()
-    log.close(
-        _summary(
-            cfg,
-            log,
-            1,
-            1,
-            Traffic().sent_by_kind(),
-            _param_count(client_part),
-            _param_count(server_part),
-            {"server": rss, "client_max": rss},
-        )
-    )
+    log.close(_summary(
+        cfg, log, world_size=1, num_clients=1, bytes=metrics.sent_by_kind(),
+        client_trainable_params=_param_count(client_part), server_trainable_params=_param_count(server_part),
+        peak_rss_mb={"server": rss, "client_max": rss},
+    ))  # fmt: skip
+    _finish_metrics(cfg, metrics)
 
 
 # ---------------------------------------------------------------- split roles
@@ -161,6 +156,7 @@ def _run_client(cfg: JobConfig, transport: Transport) -> None:
         train, val = _load_data(cfg, tok)
         rows = partition(train.groups, num_clients, cfg.data.partition, cfg.data.dirichlet_alpha, cfg.run.seed)[index]
         part = SplitPart(cfg, config, "client", _device(transport.local_rank))
+        _serve_metrics(cfg, transport.metrics, transport.local_rank)
         hello = {
             "val_rows": len(val),
             "adapter_numel": _param_count(part),
@@ -176,16 +172,14 @@ def _run_client(cfg: JobConfig, transport: Transport) -> None:
     if transport.rank == 1:  # after the final average every client holds the same adapter
         adapter = {k: v.detach().cpu().numpy() for k, v in part.adapter_state().items()}
         transport.send_object(SERVER, EXPORT, adapter, kind="adapters")
-    transport.send_object(
-        SERVER,
-        STATS,
-        {
-            "tokens": client.tokens,
-            "peak_rss_mb": _peak_rss_mb(),
-            "trainable_params": _param_count(part),
-            "allreduce_bytes": transport.traffic.sent_bytes[("clients", "adapters")],
-        },
-    )
+    stats = {
+        "tokens": client.tokens,
+        "peak_rss_mb": _peak_rss_mb(),
+        "trainable_params": _param_count(part),
+        "allreduce_bytes": transport.metrics.sent_bytes[("clients", "adapters")],
+    }
+    transport.send_object(SERVER, STATS, stats)
+    _finish_metrics(cfg, transport.metrics)
 
 
 def _run_server(cfg: JobConfig, transport: Transport) -> None:
@@ -197,6 +191,7 @@ def _run_server(cfg: JobConfig, transport: Transport) -> None:
         check_writable(cfg.out_dir)
         tok, config = _tokenizer_and_config(cfg)
         part = SplitPart(cfg, config, "server", _device(transport.local_rank))
+        _serve_metrics(cfg, transport.metrics, transport.local_rank)
     except ConfigError as e:
         error = str(e)
     hellos = transport.server_handshake(clients, fingerprint(cfg), error)
@@ -213,6 +208,7 @@ def _run_server(cfg: JobConfig, transport: Transport) -> None:
     server = Server(cfg, part, transport, clients, val_batches)
     log = RunLog(cfg.out_dir, cfg.to_yaml(), cfg.train.steps, cfg.train.log_every)
     numel = h["adapter_numel"]
+    m = transport.metrics
     averages = 0
 
     def on_step(step: int, loss: float, tokens: int, lr: float, val: float | None) -> None:
@@ -220,30 +216,21 @@ def _run_server(cfg: JobConfig, transport: Transport) -> None:
         nonlocal averages
         averages += is_aggregation_step(step, cfg.train)
         allreduce = averages * len(clients) * (numel + 1) * 8
-        log.step(
-            step, loss, tokens, lr, val, transport.traffic.total_sent() + transport.traffic.total_received() + allreduce
-        )
+        log.step(step, loss, tokens, lr, val, m.total_sent() + m.total_received() + allreduce)
 
     server.run(on_step)
     adapter = transport.recv_objects([1], EXPORT, kind="adapters")[1]
     stats = transport.recv_objects(clients, STATS)
     state = {**{k: torch.from_numpy(v) for k, v in adapter.items()}, **part.adapter_state()}
     _write_model_outputs(cfg, config, part, state)
-    t = transport.traffic
-    by_kind = {k: t.sent_by_kind()[k] + t.received_by_kind()[k] for k in t.sent_by_kind()}
+    by_kind = {k: m.sent_by_kind()[k] + m.received_by_kind()[k] for k in m.sent_by_kind()}
     by_kind["adapters"] += sum(s["allreduce_bytes"] for s in stats.values())
-    log.close(
-        _summary(
-            cfg,
-            log,
-            transport.size,
-            len(clients),
-            by_kind,
-            stats[1]["trainable_params"],
-            _param_count(part),
-            {"server": _peak_rss_mb(), "client_max": max(s["peak_rss_mb"] for s in stats.values())},
-        )
-    )
+    log.close(_summary(
+        cfg, log, world_size=transport.size, num_clients=len(clients), bytes=by_kind,
+        client_trainable_params=stats[1]["trainable_params"], server_trainable_params=_param_count(part),
+        peak_rss_mb={"server": _peak_rss_mb(), "client_max": max(s["peak_rss_mb"] for s in stats.values())},
+    ))  # fmt: skip
+    _finish_metrics(cfg, m)
 
 
 # ---------------------------------------------------------------- outputs
@@ -261,29 +248,48 @@ def _write_model_outputs(cfg: JobConfig, config: Any, part: SplitPart, state: di
         export_adapter(tmp, part, state, base_ref)
 
 
-def _summary(
-    cfg: JobConfig,
-    log: RunLog,
-    world_size: int,
-    num_clients: int,
-    bytes_by_kind: dict[str, int],
-    client_params: int,
-    server_params: int,
-    peak_rss_mb: dict[str, float],
-) -> dict[str, Any]:
+def _summary(cfg: JobConfig, log: RunLog, **facts: Any) -> dict[str, Any]:
+    """summary.json: the run's totals plus the facts only the caller knows (DESIGN §4 keys)."""
     wall = log.wall_s
+    facts["peak_rss_mb"] = {k: round(v, 1) for k, v in facts["peak_rss_mb"].items()}
     return {
         "mode": cfg.run.mode,
-        "world_size": world_size,
-        "num_clients": num_clients,
+        "world_size": facts.pop("world_size"),
+        "num_clients": facts.pop("num_clients"),
         "steps": cfg.train.steps,
         "tokens": log.tokens,
         "wall_s": round(wall, 3),
         "tokens_per_s": log.tokens / wall,
         "final_train_loss": log.last_train_loss,
         "final_val_loss": log.last_val_loss,
-        "bytes": bytes_by_kind,
-        "client_trainable_params": client_params,
-        "server_trainable_params": server_params,
-        "peak_rss_mb": {k: round(v, 1) for k, v in peak_rss_mb.items()},
+        **facts,
     }
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def _serve_metrics(cfg: JobConfig, metrics: Metrics, local_rank: int) -> None:
+    if not cfg.metrics.enabled:
+        return
+    port = cfg.metrics.port + local_rank
+    try:
+        metrics.serve(cfg.metrics.addr, port)
+    except (OSError, OverflowError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
+        raise ConfigError(
+            f"config key 'metrics.port': cannot serve metrics of rank {metrics.rank} on {cfg.metrics.addr}:{port} "
+            f"({reason}); expected a free port (each rank uses metrics.port + its local rank)"
+        ) from None
+
+
+def _finish_metrics(cfg: JobConfig, metrics: Metrics) -> None:
+    """Final values for short jobs: push them, and/or keep /metrics up for a last scrape."""
+    if cfg.metrics.pushgateway:
+        try:
+            metrics.push(cfg.metrics.pushgateway, job=cfg.run.name)
+        except OSError as e:
+            say(f"rank {metrics.rank}: warning: push to {cfg.metrics.pushgateway} failed: {e}")
+    if cfg.metrics.enabled and cfg.metrics.linger_s > 0:
+        time.sleep(cfg.metrics.linger_s)
+    metrics.stop()

@@ -7,6 +7,7 @@ gradient slice of the activations it sent.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
@@ -53,6 +54,7 @@ class Server:
         return h, side[0], side[1]
 
     def train_step(self, step: int) -> tuple[float, int]:
+        start = time.perf_counter()
         uploads = self.transport.recv_tensors(self.clients, TRAIN, KINDS_UP)
         h, mask, labels = self._batch(uploads, step)
         loss, grad = server_update(self.trainer, h, mask, labels, self.cfg.train.label_smoothing)
@@ -61,6 +63,7 @@ class Server:
         self.transport.send_tensors(TRAIN, step, {r: [(g, "gradients")] for r, g in zip(sorted(uploads), grads)})
         tokens = int(mask.sum())
         self.tokens += tokens
+        self.transport.metrics.step(step, time.perf_counter() - start, tokens, loss)
         return loss, tokens
 
     def evaluate(self, step: int) -> float:
@@ -71,4 +74,5 @@ class Server:
             h, mask, labels = self._batch(self.transport.recv_tensors(senders, EVAL, KINDS_UP), step)
             loss_sum, n = eval_loss_sum(self.part, h, mask, labels)
             total, count = total + loss_sum, count + n
+        self.transport.metrics.val_loss(total / count)
         return total / count
