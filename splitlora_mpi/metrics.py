@@ -10,6 +10,17 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    push_to_gateway,
+    start_http_server,
+)
+
 KINDS = ("activations", "gradients", "labels", "adapters", "control")
 COMM_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -18,12 +29,14 @@ STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 3
 class Metrics:
     """Bytes and messages by (peer, kind), communication and step times, progress gauges."""
 
-    def __init__(self, rank: int = 0, role: str = "server") -> None:
+    def __init__(self, rank: int = 0, role: str = "server", export: bool = False) -> None:
+        """`export`: also keep the Prometheus series (to serve and/or push them)."""
         self.rank, self.role = str(rank), role
         self.sent_bytes: dict[tuple[str, str], int] = defaultdict(int)
         self.received_bytes: dict[tuple[str, str], int] = defaultdict(int)
         self.sent_messages: dict[tuple[str, str], int] = defaultdict(int)
-        self._prom: _Prometheus | None = None
+        self._prom = _Prometheus(self.rank, role) if export else None
+        self._server: Any = None
 
     # ------------------------------------------------------------ recording
 
@@ -55,11 +68,11 @@ class Metrics:
             self._prom.tokens.inc(tokens)
             self._prom.step.set(step)
             if train_loss is not None:
-                self._prom.train_loss.set(train_loss)
+                self._prom.train_loss.labels(self.rank, self.role).set(train_loss)
 
     def val_loss(self, loss: float) -> None:
         if self._prom:
-            self._prom.val_loss.set(loss)
+            self._prom.val_loss.labels(self.rank, self.role).set(loss)
 
     # ------------------------------------------------------------ reading
 
@@ -79,21 +92,18 @@ class Metrics:
 
     def serve(self, addr: str, port: int) -> None:
         """Start the /metrics endpoint (raises OSError when the port is taken)."""
-        from prometheus_client import start_http_server
-
-        self._prom = self._prom or _Prometheus(self.rank, self.role)
+        assert self._prom is not None, "Metrics(export=True) to serve"
         self._server, _ = start_http_server(port, addr=addr, registry=self._prom.registry)
 
     def stop(self) -> None:
-        if getattr(self, "_server", None) is not None:
+        if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+            self._server = None
 
     def push(self, gateway: str, job: str) -> None:
         """Push final values to a Pushgateway (short jobs end between two scrapes)."""
-        from prometheus_client import push_to_gateway
-
-        self._prom = self._prom or _Prometheus(self.rank, self.role)
+        assert self._prom is not None, "Metrics(export=True) to push"
         push_to_gateway(gateway, job=job, registry=self._prom.registry, grouping_key={"rank": self.rank})
 
 
@@ -105,44 +115,38 @@ class _Prometheus:
     """The DESIGN §5 series of one rank, in a registry of their own (+ process metrics)."""
 
     def __init__(self, rank: str, role: str) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
-
-        self.registry = CollectorRegistry()
-        ProcessCollector(registry=self.registry)
-        r = self.registry
+        disable_created_metrics()  # *_created series would only double the payload
+        r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)
+        mine = (rank, role)
+        by_peer = ["rank", "role", "peer", "kind"]
+        self._sent_bytes = Counter("splitlora_sent_bytes", "Bytes sent", by_peer, registry=r)
+        self._received_bytes = Counter("splitlora_received_bytes", "Bytes received", by_peer, registry=r)
+        self._sent_messages = Counter("splitlora_sent_messages", "Messages sent", by_peer, registry=r)
+        comm = Histogram("splitlora_comm_seconds", "Time waiting for sends, receives and the Allreduce",
+                         ["rank", "role", "op"], buckets=COMM_BUCKETS, registry=r)  # fmt: skip
+        self.comm = {op: comm.labels(*mine, op) for op in ("send", "recv", "allreduce")}
         labels = ["rank", "role"]
-        self._sent_bytes = Counter("splitlora_sent_bytes", "Bytes sent", labels + ["peer", "kind"], registry=r)
-        self._received_bytes = Counter(
-            "splitlora_received_bytes", "Bytes received", labels + ["peer", "kind"], registry=r
-        )
-        self._sent_messages = Counter("splitlora_sent_messages", "Messages sent", labels + ["peer", "kind"], registry=r)
-        comm = Histogram("splitlora_comm_seconds", "Time in communication", labels + ["op"], buckets=COMM_BUCKETS,
-                         registry=r)  # fmt: skip
-        self.comm = {op: comm.labels(rank, role, op) for op in ("send", "recv", "allreduce")}
-        mine: dict[str, Any] = {"rank": rank, "role": role}
         self.step_seconds = Histogram("splitlora_step_seconds", "Wall time of one training step", labels,
-                                      buckets=STEP_BUCKETS, registry=r).labels(**mine)  # fmt: skip
-        self.tokens = Counter("splitlora_tokens", "Non-padding tokens processed", labels, registry=r).labels(**mine)
-        self.train_loss = Gauge("splitlora_train_loss", "Training loss of the last step", labels, registry=r).labels(
-            **mine
-        )
-        self.val_loss = Gauge("splitlora_val_loss", "Last validation loss", labels, registry=r).labels(**mine)
-        self.step = Gauge("splitlora_step", "Last completed step", labels, registry=r).labels(**mine)
-        self._children: dict[tuple[str, str, str], Any] = {}
-        self._mine = (rank, role)
-
-    def _child(self, which: str, key: tuple[str, str]) -> Any:
-        child = self._children.get((which, *key))
-        if child is None:
-            metric = {"sent": self._sent_bytes, "received": self._received_bytes, "messages": self._sent_messages}[
-                which
-            ]
-            child = self._children[(which, *key)] = metric.labels(*self._mine, *key)
-        return child
+                                      buckets=STEP_BUCKETS, registry=r).labels(*mine)  # fmt: skip
+        self.tokens = Counter("splitlora_tokens", "Non-padding tokens processed", labels, registry=r).labels(*mine)
+        self.step = Gauge("splitlora_step", "Last completed step", labels, registry=r).labels(*mine)
+        # loss series appear only on ranks that compute a loss (the server, central): labels() on first set
+        self.train_loss = Gauge("splitlora_train_loss", "Training loss of the last step", labels, registry=r)
+        self.val_loss = Gauge("splitlora_val_loss", "Last validation loss", labels, registry=r)
+        self._mine = mine
+        self._sent: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._received: dict[tuple[str, str], Any] = {}
 
     def sent(self, key: tuple[str, str], nbytes: int) -> None:
-        self._child("sent", key).inc(nbytes)
-        self._child("messages", key).inc()
+        if key not in self._sent:
+            labels = (*self._mine, *key)
+            self._sent[key] = (self._sent_bytes.labels(*labels), self._sent_messages.labels(*labels))
+        nbytes_child, messages_child = self._sent[key]
+        nbytes_child.inc(nbytes)
+        messages_child.inc()
 
     def received(self, key: tuple[str, str], nbytes: int) -> None:
-        self._child("received", key).inc(nbytes)
+        if key not in self._received:
+            self._received[key] = self._received_bytes.labels(*self._mine, *key)
+        self._received[key].inc(nbytes)

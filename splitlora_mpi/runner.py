@@ -40,7 +40,7 @@ def run(cfg: JobConfig) -> None:
                 "start it without mpirun: python -m splitlora_mpi --set run.mode=central"
             )
         _set_threads(1)
-        return _run_central(cfg, Metrics(0, "central"))
+        return _run_central(cfg, Metrics(0, "central", export=_exported(cfg)))
     if world_size() < 2:
         raise ConfigError(
             f"config key 'run.mode': '{cfg.run.mode}' needs 1 server + at least 1 client rank, got 1 rank. "
@@ -48,7 +48,8 @@ def run(cfg: JobConfig) -> None:
             "(pip's mpich wheel puts it next to python); another launcher starts N separate 1-rank jobs"
         )
     rank = world_rank()
-    transport = Transport(cfg.comm.timeout_s, Metrics(rank, "server" if rank == SERVER else "client"))
+    metrics = Metrics(rank, "server" if rank == SERVER else "client", export=_exported(cfg))
+    transport = Transport(cfg.comm.timeout_s, metrics)
     _set_threads(transport.local_size)
     if rank == SERVER:
         _run_server(cfg, transport)
@@ -179,6 +180,7 @@ def _run_client(cfg: JobConfig, transport: Transport) -> None:
         "allreduce_bytes": transport.metrics.sent_bytes[("clients", "adapters")],
     }
     transport.send_object(SERVER, STATS, stats)
+    transport.barrier("finishing")  # every rank's endpoint lingers over the same window
     _finish_metrics(cfg, transport.metrics)
 
 
@@ -230,6 +232,7 @@ def _run_server(cfg: JobConfig, transport: Transport) -> None:
         client_trainable_params=stats[1]["trainable_params"], server_trainable_params=_param_count(part),
         peak_rss_mb={"server": _peak_rss_mb(), "client_max": max(s["peak_rss_mb"] for s in stats.values())},
     ))  # fmt: skip
+    transport.barrier("finishing")
     _finish_metrics(cfg, m)
 
 
@@ -267,6 +270,10 @@ def _summary(cfg: JobConfig, log: RunLog, **facts: Any) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- metrics
+
+
+def _exported(cfg: JobConfig) -> bool:
+    return cfg.metrics.enabled or cfg.metrics.pushgateway is not None
 
 
 def _serve_metrics(cfg: JobConfig, metrics: Metrics, local_rank: int) -> None:
