@@ -316,3 +316,32 @@ def test_final_values_reach_a_pushgateway(tmp_path):
     summary = json.loads((tmp_path / "runs" / "pushed" / "summary.json").read_text())
     for kind in KINDS:
         assert sum(s.value for s in sent if s.labels["kind"] == kind) == summary["bytes"][kind], kind
+
+
+# ---------------------------------------------------------------- local monitoring stack
+
+
+def test_local_stack_is_consistent(tmp_path):
+    """docker/monitoring: no Docker engine here, so check what can be checked offline."""
+    stack = REPO / "docker" / "monitoring"
+    compose = yaml.safe_load((stack / "compose.yaml").read_text())
+    mounts = {}
+    for service in compose["services"].values():
+        for volume in service.get("volumes", []):
+            source, target = volume.split(":")[:2]
+            if source.startswith("."):
+                assert (stack / source).resolve().exists(), source
+                mounts[target] = (stack / source).resolve()
+    assert mounts["/var/lib/grafana/dashboards/splitlora-dashboard.json"] == MONITORING / "splitlora-dashboard.json"
+    assert mounts["/etc/prometheus/alerts.yaml"] == MONITORING / "alerts.yaml"
+    home = compose["services"]["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home in mounts
+    check = subprocess.run([_tool("promtool"), "check", "config", str(stack / "prometheus.yml")],
+                           capture_output=True, text=True)  # fmt: skip
+    assert check.returncode == 0, check.stdout + check.stderr
+    datasource = yaml.safe_load((stack / "grafana/provisioning/datasources/prometheus.yaml").read_text())
+    listen = next(a for a in compose["services"]["prometheus"]["command"] if a.startswith("--web.listen-address="))
+    assert datasource["datasources"][0]["url"] == "http://" + listen.split("=", 1)[1]
+    targets = yaml.safe_load((stack / "prometheus.yml").read_text())["scrape_configs"][0]["static_configs"][0]
+    port = load_config().metrics.port  # each rank: metrics.port + local rank; the default job has 9 ranks
+    assert targets["targets"] == [f"127.0.0.1:{port + r}" for r in range(9)]
