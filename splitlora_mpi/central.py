@@ -44,17 +44,18 @@ class Central:
         for step in range(1, t.steps + 1):
             lr = self.server.lr
             start = time.perf_counter()
-            loss, tokens = self.train_step()
+            loss, tokens = self.train_step(step)
             self.metrics.step(step, time.perf_counter() - start, tokens, loss)
             val = self.evaluate() if is_eval_step(step, t) else None
             if val is not None:
                 self.metrics.val_loss(val)
             on_step(step, loss, tokens, lr, val)
 
-    def train_step(self) -> tuple[float, int]:
+    def train_step(self, step: int) -> tuple[float, int]:
         batch = make_batch(self.train, self.sampler.next_indices()).to(self.device)
         h = self.client.part(batch.input_ids, batch.attention_mask)
-        loss, grad = server_update(self.server, h, batch.attention_mask, batch.labels, self.cfg.train.label_smoothing)
+        ls = self.cfg.train.label_smoothing
+        loss, grad = server_update(self.server, step, h, batch.attention_mask, batch.labels, ls)
         h.backward(grad)
         self.client.step()
         self.tokens += batch.tokens

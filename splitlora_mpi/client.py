@@ -15,8 +15,8 @@ from . import aggregate
 from .config import JobConfig
 from .data import Batch, EncodedData, Sampler, make_batch, shard
 from .model import SplitPart
-from .protocol import EVAL, SERVER, TRAIN, Transport
-from .training import PartTrainer, is_aggregation_step, is_eval_step
+from .protocol import DIVERGED, EVAL, SERVER, TRAIN, Transport
+from .training import Diverged, PartTrainer, is_aggregation_step, is_eval_step
 
 
 def side_channel(batch: Batch) -> torch.Tensor:
@@ -68,6 +68,8 @@ class Client:
         reply = self.transport.recv_tensors([SERVER], TRAIN, ["gradients"])[SERVER][0]
         if reply.step != step:
             raise RuntimeError(f"rank {self.transport.rank}: gradient for step {reply.step} arrived at step {step}")
+        if reply.flag == DIVERGED:  # the server reports it (exit 2); stop before updating anything
+            raise Diverged(step, float("nan"))
         h.backward(reply.tensor.to(h.dtype))
         self.trainer.step()
         self.tokens += batch.tokens

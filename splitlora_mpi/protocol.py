@@ -28,6 +28,9 @@ SERVER = 0
 HEADER_LEN = 8
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.int64]
 
+# header[7] of a gradient reply: what the client does after this step
+CONTINUE, DIVERGED = 0, 1
+
 # phase tags: a message's tag is phase + kind offset
 TRAIN, EVAL, HANDSHAKE, EXPORT, STATS = 100, 200, 400, 410, 420
 _HEADER, _PAYLOAD = 0, 1
@@ -41,6 +44,7 @@ class CommTimeout(RuntimeError):
 class Message:
     step: int
     tensor: torch.Tensor
+    flag: int = CONTINUE
 
 
 def world_size() -> int:
@@ -101,14 +105,16 @@ class Transport:
 
     # ------------------------------------------------------------ tensors
 
-    def send_tensors(self, phase: int, step: int, messages: dict[int, list[tuple[torch.Tensor, str]]]) -> None:
+    def send_tensors(
+        self, phase: int, step: int, messages: dict[int, list[tuple[torch.Tensor, str]]], flag: int = CONTINUE
+    ) -> None:
         """Send each destination its tensors (each: header + raw bytes); wait until all are sent."""
         requests: list[MPI.Request] = []
         peers: list[int] = []
         keep: list[np.ndarray] = []  # buffers must outlive the requests
         for dest, tensors in messages.items():
             for i, (tensor, kind) in enumerate(tensors):
-                header, payload = _header(step, tensor), _host_bytes(tensor)
+                header, payload = _header(step, tensor, flag), _host_bytes(tensor)
                 keep += [header, payload]
                 tag = phase + 2 * i
                 requests.append(self.comm.Isend([header, MPI.INT64_T], dest, tag + _HEADER))
@@ -142,7 +148,7 @@ class Transport:
             header = headers[(source, i)]
             self.metrics.received(source, "control", header.nbytes)
             self.metrics.received(source, kinds[i], buf.nbytes)
-            out[source].append(Message(int(header[0]), _tensor(header, buf)))
+            out[source].append(Message(int(header[0]), _tensor(header, buf), int(header[7])))
         return out
 
     # ------------------------------------------------------------ control objects
@@ -236,15 +242,20 @@ def _verdict(mine: dict[str, Any], hellos: dict[int, dict[str, Any]]) -> str | N
                     f"handshake refused: rank {rank} was started with {key}={theirs.get(key)!r}, "
                     f"the server with {key}={mine.get(key)!r}; every rank needs the same config"
                 )
+    rows = sorted({h["val_rows"] for h in hellos.values()})
+    if len(rows) > 1:
+        return f"config key 'data.val_path': the clients read {rows} validation rows; expected the same file everywhere"
     return None
 
 
-def _header(step: int, tensor: torch.Tensor) -> np.ndarray:
-    if tensor.dim() > HEADER_LEN - 3:
+def _header(step: int, tensor: torch.Tensor, flag: int) -> np.ndarray:
+    """[step, dtype, ndim, d0, d1, d2, d3, flag]"""
+    if tensor.dim() > HEADER_LEN - 4:
         raise ValueError(f"tensor of rank {tensor.dim()} does not fit the header")
     header = np.zeros(HEADER_LEN, dtype=np.int64)
     header[0], header[1], header[2] = step, DTYPES.index(tensor.dtype), tensor.dim()
     header[3 : 3 + tensor.dim()] = tensor.shape
+    header[7] = flag
     return header
 
 

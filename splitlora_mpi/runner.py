@@ -130,7 +130,7 @@ def _run_central(cfg: JobConfig, metrics: Metrics) -> None:
     server_part = SplitPart(cfg, config, "server", device)
     job = Central(cfg, client_part, server_part, train, rows, val, metrics)
     log = RunLog(cfg.out_dir, cfg.to_yaml(), cfg.train.steps, cfg.train.log_every)
-    say(f"central: {len(rows)} training rows, {len(val)} validation rows, {cfg.train.steps} steps")
+    print(f"central: {len(rows)} training rows, {len(val)} validation rows, {cfg.train.steps} steps", flush=True)
     job.run(lambda step, loss, tokens, lr, val_loss: log.step(step, loss, tokens, lr, val_loss, 0))
     _write_model_outputs(cfg, config, server_part, {**client_part.adapter_state(), **server_part.adapter_state()})
     rss = _peak_rss_mb()
@@ -197,14 +197,13 @@ def _run_server(cfg: JobConfig, transport: Transport) -> None:
     except ConfigError as e:
         error = str(e)
     hellos = transport.server_handshake(clients, fingerprint(cfg), error)
-    if len({h["val_rows"] for h in hellos.values()}) > 1:
-        raise ConfigError("data.val_path: the clients read validation files of different lengths")
     transport.open_clients_group()
     h = hellos[1]
-    say(
+    print(
         f"server: {len(clients)} clients, {sum(x['train_rows'] for x in hellos.values())} training rows "
         f"({h['truncated']} truncated to {cfg.data.max_seq_len} tokens), {h['val_rows']} validation rows, "
-        f"{cfg.train.steps} steps"
+        f"{cfg.train.steps} steps",
+        flush=True,
     )
     val_batches = {c: -(-len(shard(h["val_rows"], len(clients), c - 1)) // cfg.train.batch_size) for c in clients}
     server = Server(cfg, part, transport, clients, val_batches)

@@ -14,8 +14,8 @@ import torch
 
 from .config import JobConfig
 from .model import SplitPart
-from .protocol import EVAL, TRAIN, Message, Transport
-from .training import PartTrainer, eval_loss_sum, is_eval_step, server_update
+from .protocol import CONTINUE, DIVERGED, EVAL, TRAIN, Message, Transport
+from .training import Diverged, PartTrainer, eval_loss_sum, is_eval_step, server_update
 
 KINDS_UP = ["activations", "labels"]
 
@@ -57,14 +57,21 @@ class Server:
         start = time.perf_counter()
         uploads = self.transport.recv_tensors(self.clients, TRAIN, KINDS_UP)
         h, mask, labels = self._batch(uploads, step)
-        loss, grad = server_update(self.trainer, h, mask, labels, self.cfg.train.label_smoothing)
         sizes = [uploads[r][0].tensor.shape[0] for r in sorted(uploads)]
-        grads = grad.to(self.wire_dtype).split(sizes)
-        self.transport.send_tensors(TRAIN, step, {r: [(g, "gradients")] for r, g in zip(sorted(uploads), grads)})
+        try:
+            loss, grad = server_update(self.trainer, step, h, mask, labels, self.cfg.train.label_smoothing)
+        except Diverged:  # every client must stop too, before it updates anything
+            self._reply(step, torch.zeros_like(h).split(sizes), DIVERGED)
+            raise
+        self._reply(step, grad.split(sizes), CONTINUE)
         tokens = int(mask.sum())
         self.tokens += tokens
         self.transport.metrics.step(step, time.perf_counter() - start, tokens, loss)
         return loss, tokens
+
+    def _reply(self, step: int, grads: tuple[torch.Tensor, ...], flag: int) -> None:
+        wire = {rank: [(g.to(self.wire_dtype), "gradients")] for rank, g in zip(self.clients, grads)}
+        self.transport.send_tensors(TRAIN, step, wire, flag)
 
     def evaluate(self, step: int) -> float:
         """Validation loss over every client's share, round by round (one batch per client)."""

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import get_linear_schedule_with_warmup
 
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .model import SplitPart
 
 
@@ -29,6 +29,16 @@ def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: flo
         label_smoothing=label_smoothing,
     )
     return loss, n
+
+
+class Diverged(ConfigError):
+    """The training loss is not finite: stop every rank (exit 2) before anything is updated."""
+
+    def __init__(self, step: int, loss: float):
+        super().__init__(
+            f"training diverged: the loss is {loss} at step {step}; expected a finite loss "
+            "(lower train.lr, or check the data and model.dtype)"
+        )
 
 
 class PartTrainer:
@@ -55,16 +65,20 @@ class PartTrainer:
 
 def server_update(
     trainer: PartTrainer,
+    step: int,
     activations: torch.Tensor,
     attention_mask: torch.Tensor,
     labels: torch.Tensor,
     label_smoothing: float,
 ) -> tuple[float, torch.Tensor]:
     """The server's half of a step: loss over the concatenated batch, server step, and the
-    gradient w.r.t. the activations it was given (for the clients)."""
+    gradient w.r.t. the activations it was given (for the clients). A non-finite loss raises
+    `Diverged` before any weight changes."""
     h = activations.detach().requires_grad_()
     loss_sum, n = lm_loss_sum(trainer.part(h, attention_mask), labels, label_smoothing)
     loss = loss_sum / n
+    if not torch.isfinite(loss):
+        raise Diverged(step, float(loss.detach()))
     loss.backward()
     trainer.step()
     assert h.grad is not None
