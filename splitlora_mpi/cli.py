@@ -1,7 +1,8 @@
 """Command line: `python -m splitlora_mpi [--config F] [--set key.path=value ...] [--print-config]`.
 
 Exit codes: 0 done; 2 bad config / data / arguments (one line on rank 0, no traceback);
-1 any other failure (the communicator is aborted so no rank is left waiting).
+143 stopped by SIGTERM/SIGINT after writing a checkpoint (run again to resume); 1 any other
+failure (the communicator is aborted so no rank is left waiting).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import os
 import sys
 import traceback
 
-from .config import ConfigError, load_config
+from .config import ConfigError, Stopped, load_config
+
+EXIT_STOPPED = 143  # 128 + SIGTERM: stopped by a signal, checkpoint written
 
 
 def launcher_rank() -> int:
@@ -60,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except Stopped as e:
+        if rank == 0:
+            print(f"stopped: {e}; run the same command again to resume", file=sys.stderr, flush=True)
+        return EXIT_STOPPED
     except KeyboardInterrupt:
         return 130
     except Exception:  # noqa: BLE001 - report, then take every rank down

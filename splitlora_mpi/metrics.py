@@ -76,6 +76,19 @@ class Metrics:
 
     # ------------------------------------------------------------ reading
 
+    def state(self) -> dict[str, Any]:
+        """The byte counts, for a checkpoint (a resumed run's summary.json continues them)."""
+        return {
+            "sent": dict(self.sent_bytes),
+            "received": dict(self.received_bytes),
+            "messages": dict(self.sent_messages),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.sent_bytes.update(state["sent"])
+        self.received_bytes.update(state["received"])
+        self.sent_messages.update(state["messages"])
+
     def sent_by_kind(self) -> dict[str, int]:
         return _by_kind(self.sent_bytes)
 

@@ -28,11 +28,12 @@ SERVER = 0
 HEADER_LEN = 8
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.int64]
 
-# header[7] of a gradient reply: what the client does after this step
-CONTINUE, DIVERGED = 0, 1
+# header[7]: on an upload, the client asks to stop (it got SIGTERM/SIGINT); on a gradient
+# reply, what every client does after this step
+CONTINUE, DIVERGED, STOP = 0, 1, 2
 
 # phase tags: a message's tag is phase + kind offset
-TRAIN, EVAL, HANDSHAKE, EXPORT, STATS = 100, 200, 400, 410, 420
+TRAIN, EVAL, HANDSHAKE, EXPORT, STATS, CHECKPOINT = 100, 200, 400, 410, 420, 430
 _HEADER, _PAYLOAD = 0, 1
 
 
@@ -177,19 +178,24 @@ class Transport:
 
     # ------------------------------------------------------------ handshake
 
-    def client_handshake(self, fingerprint: dict[str, Any], hello: dict[str, Any], error: str | None) -> None:
-        """Send the server this client's fingerprint (or its set-up error); wait for the verdict."""
+    def client_handshake(self, fingerprint: dict[str, Any], hello: dict[str, Any], error: str | None) -> int | None:
+        """Send the server this client's fingerprint (or its set-up error); wait for the verdict.
+        Returns the step to resume from (None: start afresh)."""
         self.send_object(SERVER, HANDSHAKE, {"fingerprint": fingerprint, "error": error, **hello})
         verdict = self.recv_objects([SERVER], HANDSHAKE)[SERVER]
-        if verdict is not None:
-            raise ConfigError(verdict)
+        if verdict["error"] is not None:
+            raise ConfigError(verdict["error"])
+        return verdict["resume"]
 
-    def server_handshake(self, clients: list[int], fingerprint: dict[str, Any], error: str | None) -> dict[int, Any]:
-        """Every client must be ready and configured like the server; all ranks stop otherwise."""
+    def server_handshake(
+        self, clients: list[int], fingerprint: dict[str, Any], error: str | None, resume: int | None
+    ) -> dict[int, Any]:
+        """Every client must be ready and configured like the server; all ranks stop otherwise.
+        The verdict also tells every client the checkpoint step to resume from."""
         hellos = self.recv_objects(clients, HANDSHAKE)
         verdict = error or _verdict(fingerprint, hellos)
         for c in clients:
-            self.send_object(c, HANDSHAKE, verdict)
+            self.send_object(c, HANDSHAKE, {"error": verdict, "resume": resume})
         if verdict is not None:
             raise ConfigError(verdict)
         return hellos

@@ -55,23 +55,35 @@ def atomic_dir(path: Path) -> Iterator[Path]:
 class RunLog:
     """Progress of one run: a metrics.jsonl row and a terminal line every `log_every` steps."""
 
-    def __init__(self, out_dir: Path, config_yaml: str, steps: int, log_every: int):
+    def __init__(self, out_dir: Path, config_yaml: str, steps: int, log_every: int, resume: dict | None = None):
+        """`resume`: the `state()` saved in a checkpoint; metrics.jsonl then keeps its rows up to
+        that step (an interrupted run may have logged a few more) and goes on from there."""
         self.out_dir = out_dir
         self.steps = steps
         self.log_every = log_every
         write_atomic(out_dir / "config.yaml", config_yaml)
-        self._jsonl = open(out_dir / "metrics.jsonl", "w")
-        self._losses: list[float] = []
-        self.tokens = 0
-        self.last_train_loss = float("nan")
-        self.last_val_loss: float | None = None
-        self.t0 = time.perf_counter()
+        resume = resume or {"step": 0, "tokens": 0, "losses": [], "train": float("nan"), "val": None, "wall_s": 0.0}
+        jsonl = out_dir / "metrics.jsonl"
+        kept = [row for row in _rows(jsonl) if row["step"] <= resume["step"]] if resume["step"] else []
+        write_atomic(jsonl, "".join(json.dumps(row) + "\n" for row in kept))
+        self._jsonl = open(jsonl, "a")
+        self._losses: list[float] = list(resume["losses"])
+        self.tokens = resume["tokens"]
+        self.last_train_loss = resume["train"]
+        self.last_val_loss: float | None = resume["val"]
+        self.t0 = time.perf_counter() - resume["wall_s"]
+        self.last_step = resume["step"]
+
+    def state(self) -> dict:
+        return {"step": self.last_step, "tokens": self.tokens, "losses": list(self._losses),
+                "train": self.last_train_loss, "val": self.last_val_loss, "wall_s": self.wall_s}  # fmt: skip
 
     @property
     def wall_s(self) -> float:
         return time.perf_counter() - self.t0
 
     def step(self, step: int, loss: float, tokens: int, lr: float, val_loss: float | None, sent_bytes: int) -> None:
+        self.last_step = step
         self._losses.append(loss)
         self.tokens += tokens
         if val_loss is not None:
@@ -104,6 +116,12 @@ class RunLog:
     def close(self, summary: dict[str, Any]) -> None:
         self._jsonl.close()
         write_atomic(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+
+def _rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def say(message: str) -> None:

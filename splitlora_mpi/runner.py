@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import resource
+import signal
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -12,6 +14,7 @@ from typing import Any
 
 import torch
 
+from . import checkpoint
 from .config import ConfigError, JobConfig
 from .data import (
     EncodedData,
@@ -25,9 +28,9 @@ from .data import (
 )
 from .metrics import Metrics
 from .model import SplitPart, build_base, export_adapter, hf_config
-from .protocol import EXPORT, SERVER, STATS, Transport, fingerprint, world_rank, world_size
+from .protocol import CHECKPOINT, EXPORT, SERVER, STATS, Transport, fingerprint, world_rank, world_size
 from .runlog import RunLog, atomic_dir, check_writable, say
-from .training import is_aggregation_step
+from .training import aggregations_until
 
 
 def run(cfg: JobConfig) -> None:
@@ -47,6 +50,7 @@ def run(cfg: JobConfig) -> None:
             "Launch with `mpirun -n 9 python -m splitlora_mpi` using the mpirun of the MPI that mpi4py loaded "
             "(pip's mpich wheel puts it next to python); another launcher starts N separate 1-rank jobs"
         )
+    _catch_stop_signals()
     rank = world_rank()
     metrics = Metrics(rank, "server" if rank == SERVER else "client", export=_exported(cfg))
     transport = Transport(cfg.comm.timeout_s, metrics)
@@ -58,6 +62,21 @@ def run(cfg: JobConfig) -> None:
 
 
 # ---------------------------------------------------------------- set-up
+
+_STOP = threading.Event()
+
+
+def _catch_stop_signals() -> None:
+    """SIGTERM / SIGINT (pre-emption, Ctrl-C): stop after the current step with a checkpoint
+    (exit code 143); a second signal exits at once."""
+
+    def handler(signum: int, frame: Any) -> None:
+        if _STOP.is_set():
+            os._exit(128 + signum)
+        _STOP.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
 
 
 def _quiet_libraries() -> None:
@@ -166,10 +185,19 @@ def _run_client(cfg: JobConfig, transport: Transport) -> None:
         }
     except ConfigError as e:
         error = str(e)
-    transport.client_handshake(fingerprint(cfg), hello, error)
+    resume = transport.client_handshake(fingerprint(cfg), hello, error)
     transport.open_clients_group()
     client = Client(cfg, part, train, rows, val, transport, index, num_clients)
-    client.run()
+    if resume is not None:
+        saved = checkpoint.load_rank(checkpoint.rank_file(cfg.out_dir, resume, transport.rank))
+        client.load_state(saved["client"])
+        transport.metrics.load_state(saved["metrics"])
+
+    def on_checkpoint(step: int) -> None:
+        state = {"step": step, "client": client.state(), "metrics": transport.metrics.state()}
+        transport.send_object(SERVER, CHECKPOINT, checkpoint.save_rank(cfg.out_dir, step, transport.rank, state))
+
+    client.run(resume or 0, on_checkpoint, _STOP.is_set)
     if transport.rank == 1:  # after the final average every client holds the same adapter
         adapter = {k: v.detach().cpu().numpy() for k, v in part.adapter_state().items()}
         transport.send_object(SERVER, EXPORT, adapter, kind="adapters")
@@ -188,15 +216,20 @@ def _run_server(cfg: JobConfig, transport: Transport) -> None:
     from .server import Server
 
     clients = list(range(1, transport.size))
-    error = None
+    error, found = None, None
     try:
         check_writable(cfg.out_dir)
         tok, config = _tokenizer_and_config(cfg)
         part = SplitPart(cfg, config, "server", _device(transport.local_rank))
         _serve_metrics(cfg, transport.metrics, transport.local_rank)
+        if cfg.checkpoint.resume == "auto":
+            found, warnings = checkpoint.newest_complete(cfg.out_dir, transport.size, fingerprint(cfg))
+            for warning in warnings:
+                say(f"warning: {warning}")
     except ConfigError as e:
         error = str(e)
-    hellos = transport.server_handshake(clients, fingerprint(cfg), error)
+    resume = found.step if found else None
+    hellos = transport.server_handshake(clients, fingerprint(cfg), error, resume)
     transport.open_clients_group()
     h = hellos[1]
     print(
@@ -207,19 +240,28 @@ def _run_server(cfg: JobConfig, transport: Transport) -> None:
     )
     val_batches = {c: -(-len(shard(h["val_rows"], len(clients), c - 1)) // cfg.train.batch_size) for c in clients}
     server = Server(cfg, part, transport, clients, val_batches)
-    log = RunLog(cfg.out_dir, cfg.to_yaml(), cfg.train.steps, cfg.train.log_every)
-    numel = h["adapter_numel"]
     m = transport.metrics
-    averages = 0
+    saved = checkpoint.load_rank(found.files[SERVER]) if found else None
+    if saved:
+        server.load_state(saved["server"])
+        m.load_state(saved["metrics"])
+        print(f"server: resuming from {checkpoint.step_dir(cfg.out_dir, saved['step'])}", flush=True)
+    log = RunLog(cfg.out_dir, cfg.to_yaml(), cfg.train.steps, cfg.train.log_every, saved["log"] if saved else None)
+    numel = h["adapter_numel"]
 
     def on_step(step: int, loss: float, tokens: int, lr: float, val: float | None) -> None:
         # every byte a client sends goes to rank 0, except its Allreduce buffer (known size)
-        nonlocal averages
-        averages += is_aggregation_step(step, cfg.train)
-        allreduce = averages * len(clients) * (numel + 1) * 8
+        allreduce = aggregations_until(step, cfg.train) * len(clients) * (numel + 1) * 8
         log.step(step, loss, tokens, lr, val, m.total_sent() + m.total_received() + allreduce)
 
-    server.run(on_step)
+    def on_checkpoint(step: int) -> None:
+        state = {"step": step, "server": server.state(), "log": log.state(), "metrics": m.state()}
+        hashes = {SERVER: checkpoint.save_rank(cfg.out_dir, step, SERVER, state)}
+        hashes.update(transport.recv_objects(clients, CHECKPOINT))
+        checkpoint.write_manifest(cfg.out_dir, step, transport.size, fingerprint(cfg), hashes)
+        checkpoint.prune(cfg.out_dir, cfg.checkpoint.keep)
+
+    server.run(on_step, resume or 0, on_checkpoint, _STOP.is_set)
     adapter = transport.recv_objects([1], EXPORT, kind="adapters")[1]
     stats = transport.recv_objects(clients, STATS)
     state = {**{k: torch.from_numpy(v) for k, v in adapter.items()}, **part.adapter_state()}

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from .config import JobConfig
+from .config import JobConfig, Stopped
 from .model import SplitPart
-from .protocol import CONTINUE, DIVERGED, EVAL, TRAIN, Message, Transport
-from .training import Diverged, PartTrainer, eval_loss_sum, is_eval_step, server_update
+from .protocol import CONTINUE, DIVERGED, EVAL, STOP, TRAIN, Message, Transport
+from .training import Diverged, PartTrainer, eval_loss_sum, is_checkpoint_step, is_eval_step, server_update
 
 KINDS_UP = ["activations", "labels"]
 
@@ -35,14 +36,39 @@ class Server:
         self.device = next(part.parameters()).device
         self.tokens = 0
 
-    def run(self, on_step: Callable[[int, float, int, float, float | None], None]) -> None:
-        """Train for train.steps; `on_step(step, loss, tokens, lr, val_loss)` after each step."""
+    def run(
+        self,
+        on_step: Callable[[int, float, int, float, float | None], None],
+        start: int,
+        on_checkpoint: Callable[[int], None],
+        stop_requested: Callable[[], bool],
+    ) -> None:
+        """Steps start+1 .. train.steps; `on_step(step, loss, tokens, lr, val_loss)` after each.
+        A stop asked for by a signal here or on any client ends every rank after the same step."""
         t = self.cfg.train
-        for step in range(1, t.steps + 1):
+        for step in range(start + 1, t.steps + 1):
             lr = self.trainer.lr
-            loss, tokens = self.train_step(step)
+            loss, tokens, stopping = self.train_step(step, stop_requested())
             val = self.evaluate(step) if is_eval_step(step, t) else None
             on_step(step, loss, tokens, lr, val)
+            if stopping or is_checkpoint_step(step, self.cfg.checkpoint.every):
+                on_checkpoint(step)
+            if stopping:
+                raise Stopped(step)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "adapter": {k: v.detach().cpu().clone() for k, v in self.part.adapter_state().items()},
+            "trainer": self.trainer.state(),
+            "tokens": self.tokens,
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.part.load_adapter_state(state["adapter"])
+        self.trainer.load_state(state["trainer"])
+        self.tokens = state["tokens"]
+        torch.set_rng_state(state["torch_rng"])
 
     def _batch(self, uploads: dict[int, list[Message]], step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         for rank, (acts, _) in uploads.items():
@@ -53,9 +79,10 @@ class Server:
         side = torch.cat([uploads[r][1].tensor for r in order], dim=1).to(self.device).long()
         return h, side[0], side[1]
 
-    def train_step(self, step: int) -> tuple[float, int]:
+    def train_step(self, step: int, stop_requested: bool = False) -> tuple[float, int, bool]:
         start = time.perf_counter()
         uploads = self.transport.recv_tensors(self.clients, TRAIN, KINDS_UP)
+        stopping = stop_requested or any(msgs[0].flag == STOP for msgs in uploads.values())
         h, mask, labels = self._batch(uploads, step)
         sizes = [uploads[r][0].tensor.shape[0] for r in sorted(uploads)]
         try:
@@ -63,11 +90,11 @@ class Server:
         except Diverged:  # every client must stop too, before it updates anything
             self._reply(step, torch.zeros_like(h).split(sizes), DIVERGED)
             raise
-        self._reply(step, grad.split(sizes), CONTINUE)
+        self._reply(step, grad.split(sizes), STOP if stopping else CONTINUE)
         tokens = int(mask.sum())
         self.tokens += tokens
         self.transport.metrics.step(step, time.perf_counter() - start, tokens, loss)
-        return loss, tokens
+        return loss, tokens, stopping
 
     def _reply(self, step: int, grads: tuple[torch.Tensor, ...], flag: int) -> None:
         wire = {rank: [(g.to(self.wire_dtype), "gradients")] for rank, g in zip(self.clients, grads)}

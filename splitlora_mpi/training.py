@@ -55,6 +55,13 @@ class PartTrainer:
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
+    def state(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict()}
+
+    def load_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+
     def step(self) -> None:
         if self.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
@@ -96,6 +103,15 @@ def eval_loss_sum(
 
 def is_aggregation_step(step: int, cfg: TrainConfig) -> bool:
     return step % cfg.aggregate_every == 0 or step == cfg.steps
+
+
+def aggregations_until(step: int, cfg: TrainConfig) -> int:
+    """FedAvg rounds done by the end of `step`."""
+    return step // cfg.aggregate_every + (1 if step == cfg.steps and step % cfg.aggregate_every else 0)
+
+
+def is_checkpoint_step(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
 
 
 def is_eval_step(step: int, cfg: TrainConfig) -> bool:

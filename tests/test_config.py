@@ -55,7 +55,7 @@ def test_model_config_with_model_type_replaces_default(tmp_path):
         ("lora.r=2.5", "lora.r", "an integer"),
         ("run.mode=magic", "run.mode", "one of"),
         ("metrics.enabled=maybe", "metrics.enabled", "true or false"),
-        ("checkpoint.every=5", "checkpoint.every", "not implemented yet"),
+        ("checkpoint.every=-1", "checkpoint.every", "≥ 0"),
         ("data.max_seq_len=4", "data.max_seq_len", "≥ 8"),
         ("metrics.port=70000", "metrics.port", "≤ 65535"),
         ("train.eval_every=7", "train.eval_every", "multiple of train.aggregate_every"),
