@@ -37,7 +37,8 @@ def rank_file(out_dir: Path, step: int, rank: int) -> Path:
     return step_dir(out_dir, step) / f"rank-{rank}.pt"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """Temp file + fsync + rename (+ fsync of the directory): the old file or the new, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
@@ -57,7 +58,7 @@ def save_rank(out_dir: Path, step: int, rank: int, state: dict[str, Any]) -> str
     buf = io.BytesIO()
     torch.save(state, buf)
     data = buf.getvalue()
-    _write_atomic(rank_file(out_dir, step, rank), data)
+    write_atomic(rank_file(out_dir, step, rank), data)
     return hashlib.sha256(data).hexdigest()
 
 
@@ -71,7 +72,7 @@ def write_manifest(
         "fingerprint": fingerprint,
         "files": {str(r): {"file": rank_file(out_dir, step, r).name, "sha256": h} for r, h in sorted(hashes.items())},
     }
-    _write_atomic(step_dir(out_dir, step) / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+    write_atomic(step_dir(out_dir, step) / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
 
 
 def prune(out_dir: Path, keep: int) -> None:
