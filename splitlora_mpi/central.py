@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from .config import JobConfig
+from .config import JobConfig, Stopped
 from .data import EncodedData, Sampler, make_batch
 from .metrics import Metrics
 from .model import SplitPart
-from .training import PartTrainer, eval_loss_sum, is_eval_step, server_update
+from .training import PartTrainer, evaluate_whole, is_checkpoint_step, is_eval_step, server_update
 
 
 class Central:
@@ -28,30 +29,61 @@ class Central:
         train_rows: list[int],
         val: EncodedData,
         metrics: Metrics,
+        client: int = 0,
     ):
+        """`client`: the sampler stream to draw (fedlora: a client's own, as in the split run)."""
         self.cfg = cfg
         self.client = PartTrainer(client_part, cfg.train)
         self.server = PartTrainer(server_part, cfg.train)
         self.train = train
-        self.sampler = Sampler(train_rows, cfg.train.batch_size, cfg.run.seed, 0)
+        self.sampler = Sampler(train_rows, cfg.train.batch_size, cfg.run.seed, client)
         self.val = val
         self.device = next(client_part.parameters()).device
         self.metrics = metrics
         self.tokens = 0
 
-    def run(self, on_step: Callable[[int, float, int, float, float | None], None]) -> None:
+    def run(
+        self,
+        on_step: Callable[[int, float, int, float, float | None], None],
+        start: int,
+        on_checkpoint: Callable[[int], None],
+        stop_requested: Callable[[], bool],
+    ) -> None:
+        """Steps start+1 .. train.steps, as the server's loop: a signal stops after the step."""
         t = self.cfg.train
-        for step in range(1, t.steps + 1):
+        for step in range(start + 1, t.steps + 1):
             lr = self.server.lr
             start = time.perf_counter()
-            loss, tokens = self.train_step(step)
+            loss, tokens, _ = self.train_step(step)
             self.metrics.step(step, time.perf_counter() - start, tokens, loss)
             val = self.evaluate() if is_eval_step(step, t) else None
             if val is not None:
                 self.metrics.val_loss(val)
             on_step(step, loss, tokens, lr, val)
+            stopping = stop_requested()
+            if stopping or is_checkpoint_step(step, self.cfg.checkpoint.every):
+                on_checkpoint(step)
+            if stopping:
+                raise Stopped(step)
 
-    def train_step(self, step: int) -> tuple[float, int]:
+    def state(self) -> dict[str, Any]:
+        return {
+            "client": self.client.state(),
+            "server": self.server.state(),
+            "sampler_position": self.sampler.position,
+            "tokens": self.tokens,
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.client.load_state(state["client"])
+        self.server.load_state(state["server"])
+        self.sampler.position = state["sampler_position"]
+        self.tokens = state["tokens"]
+        torch.set_rng_state(state["torch_rng"])
+
+    def train_step(self, step: int) -> tuple[float, int, int]:
+        """One step on the whole model: (mean loss, non-pad tokens, target tokens)."""
         batch = make_batch(self.train, self.sampler.next_indices()).to(self.device)
         h = self.client.part(batch.input_ids, batch.attention_mask)
         ls = self.cfg.train.label_smoothing
@@ -59,15 +91,15 @@ class Central:
         h.backward(grad)
         self.client.step()
         self.tokens += batch.tokens
-        return loss, batch.tokens
+        return loss, batch.tokens, batch.target_tokens
 
-    @torch.no_grad()
     def evaluate(self) -> float:
-        total, count = 0.0, 0
-        b = self.cfg.train.batch_size
-        for start in range(0, len(self.val), b):
-            batch = make_batch(self.val, list(range(start, min(start + b, len(self.val))))).to(self.device)
-            h = self.client.part(batch.input_ids, batch.attention_mask)
-            loss_sum, n = eval_loss_sum(self.server.part, h, batch.attention_mask, batch.labels)
-            total, count = total + loss_sum, count + n
-        return total / count
+        return evaluate_whole(self.client.part, self.server.part, self.val, self.cfg.train.batch_size)
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """Both parts' adapters under their PEFT keys (disjoint: block indices are global)."""
+        return {**self.client.part.adapter_state(), **self.server.part.adapter_state()}
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        for part in (self.client.part, self.server.part):
+            part.load_adapter_state({k: state[k] for k in part.adapter_state()})

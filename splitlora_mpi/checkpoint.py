@@ -1,10 +1,11 @@
 """Checkpoints: every rank's resumable state in its own file, written atomically (temp +
-fsync + rename); rank 0 writes the manifest (each file's hash) last, so a checkpoint
-without a manifest, or whose files do not match it, is incomplete and never resumed from.
+fsync + rename); the manifest (each file's hash) is written last, so a checkpoint without
+a manifest, or whose files do not match it, is incomplete and never resumed from.
 
 Layout: <out_dir>/checkpoints/step-00000012/{rank-0.pt, rank-1.pt, ..., manifest.json}.
-Resuming reads the files through the same path, so out_dir must be shared by all ranks
-(one host, or a shared volume such as the Kubernetes PVC). A leaf module: no MPI here.
+Rank 0 writes all of it (clients send their state as bytes) and hands each client its
+file on resume, so only rank 0 needs out_dir: clients on other hosts need no shared
+volume. A leaf module: no MPI here.
 """
 
 from __future__ import annotations
@@ -53,11 +54,18 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
-def save_rank(out_dir: Path, step: int, rank: int, state: dict[str, Any]) -> str:
-    """Write this rank's state; returns its sha256 (for the manifest)."""
+def to_bytes(state: dict[str, Any]) -> bytes:
     buf = io.BytesIO()
     torch.save(state, buf)
-    data = buf.getvalue()
+    return buf.getvalue()
+
+
+def from_bytes(data: bytes) -> dict[str, Any]:
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+
+
+def save_rank(out_dir: Path, step: int, rank: int, data: bytes) -> str:
+    """Write one rank's serialized state; returns its sha256 (for the manifest)."""
     write_atomic(rank_file(out_dir, step, rank), data)
     return hashlib.sha256(data).hexdigest()
 
@@ -65,7 +73,7 @@ def save_rank(out_dir: Path, step: int, rank: int, state: dict[str, Any]) -> str
 def write_manifest(
     out_dir: Path, step: int, world_size: int, fingerprint: dict[str, Any], hashes: dict[int, str]
 ) -> None:
-    """Written last, by rank 0: the checkpoint exists from this moment on."""
+    """Written last: the checkpoint exists from this moment on."""
     manifest = {
         "step": step,
         "world_size": world_size,
@@ -118,7 +126,7 @@ def newest_complete(out_dir: Path, world_size: int, fingerprint: dict[str, Any])
             )
         files = {int(r): d / f["file"] for r, f in manifest["files"].items()}
         bad = [r for r, f in manifest["files"].items() if not _matches(d / f["file"], f["sha256"])]
-        if bad or len(files) != world_size:
+        if bad or 0 not in files:  # (sl: only rank 0 and the client whose turn it was have state)
             warnings.append(f"skipping checkpoint {d}: rank file(s) {bad or 'missing'} do not match the manifest")
             continue
         return Found(int(manifest["step"]), files), warnings
@@ -130,7 +138,3 @@ def _matches(path: Path, sha256: str) -> bool:
         return hashlib.sha256(path.read_bytes()).hexdigest() == sha256
     except OSError:
         return False
-
-
-def load_rank(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=False)

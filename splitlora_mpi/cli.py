@@ -12,7 +12,7 @@ import os
 import sys
 import traceback
 
-from .config import ConfigError, Stopped, load_config
+from .config import ConfigError, JobFailed, Stopped, load_config
 
 EXIT_STOPPED = 143  # 128 + SIGTERM: stopped by a signal, checkpoint written
 
@@ -69,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_STOPPED
     except KeyboardInterrupt:
         return 130
+    except JobFailed as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        _abort_world()
+        return 1
     except Exception:  # noqa: BLE001 - report, then take every rank down
         print(f"rank {rank}: error:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         _abort_world()

@@ -3,6 +3,10 @@
 Per step: forward its batch to the cut layer, send the activations (and the mask and
 labels the server's loss needs), receive their gradient, backpropagate, step.
 Every `train.aggregate_every` steps: FedAvg of the client adapters with the other clients.
+
+`sl` mode (vanilla split learning): clients take turns of `train.aggregate_every` steps;
+at the end of its turn a client hands the client model's state (adapter, optimizer,
+schedule, RNG) to the next client, so one client model travels over all the data.
 """
 
 from __future__ import annotations
@@ -17,8 +21,16 @@ from . import aggregate
 from .config import JobConfig, Stopped
 from .data import Batch, EncodedData, Sampler, make_batch, shard
 from .model import SplitPart
-from .protocol import CONTINUE, DIVERGED, EVAL, SERVER, STOP, TRAIN, Transport
-from .training import Diverged, PartTrainer, is_aggregation_step, is_checkpoint_step, is_eval_step
+from .protocol import CONTINUE, DIVERGED, EVAL, HANDOFF, SERVER, STOP, TRAIN, Transport
+from .training import (
+    Diverged,
+    PartTrainer,
+    is_aggregation_step,
+    is_checkpoint_step,
+    is_eval_step,
+    sl_owner,
+    sl_steps_owned,
+)
 
 
 def side_channel(batch: Batch) -> torch.Tensor:
@@ -44,7 +56,9 @@ class Client:
         self.train = train
         self.sampler = Sampler(train_rows, cfg.train.batch_size, cfg.run.seed, index)
         self.val = val
-        self.val_rows = shard(len(val), num_clients, index)
+        self.index = index
+        self.num_clients = num_clients
+        self.val_rows = shard(len(val), 1, 0) if cfg.run.mode == "sl" else shard(len(val), num_clients, index)
         self.transport = transport
         self.wire_dtype = getattr(torch, cfg.comm.activation_dtype)
         self.device = next(part.parameters()).device
@@ -54,6 +68,8 @@ class Client:
     def run(self, start: int, on_checkpoint: Callable[[int], None], stop_requested: Callable[[], bool]) -> None:
         """Steps start+1 .. train.steps (start > 0: resumed from a checkpoint of step `start`).
         `stop_requested()`: a signal arrived; the server then stops everyone after one step."""
+        if self.cfg.run.mode == "sl":
+            return self.run_turns(start, on_checkpoint, stop_requested)
         t = self.cfg.train
         for step in range(start + 1, t.steps + 1):
             stopping = self.train_step(step, stop_requested())
@@ -66,10 +82,69 @@ class Client:
             if stopping:
                 raise Stopped(step)
 
+    def run_turns(self, start: int, on_checkpoint: Callable[[int], None], stop_requested: Callable[[], bool]) -> None:
+        """sl mode: train in this client's turns; in between, wait for the handoff of the client
+        model (or the news that training ended: done, stopped or diverged)."""
+        t, n = self.cfg.train, self.num_clients
+        self.sampler.position = sl_steps_owned(start, self.index, t, n) * t.batch_size
+        step = start
+        while step < t.steps:
+            if sl_owner(step + 1, t, n) != self.index:
+                step = self._wait_for_turn(step)
+                continue
+            step += 1
+            try:
+                stopping = self.train_step(step, stop_requested())
+            except Diverged:
+                self._hand_off(step, "diverged")
+                raise
+            if is_eval_step(step, t):
+                self.evaluate(step)
+            if stopping or is_checkpoint_step(step, self.cfg.checkpoint.every):
+                on_checkpoint(step)
+            if stopping:
+                self._hand_off(step, "stopped")
+                raise Stopped(step)
+            if step == t.steps:
+                self._hand_off(step, "done")
+            elif sl_owner(step + 1, t, n) != self.index:
+                self._hand_off(step, None)
+
+    def _hand_off(self, step: int, end: str | None) -> None:
+        """End of a turn: the client model to the next client, or the end of training to all others.
+        The server learns the size, so its per-step byte counts include the handoff."""
+        others = [c + 1 for c in range(self.num_clients) if c != self.index]
+        if end is None:
+            nxt = sl_owner(step + 1, self.cfg.train, self.num_clients) + 1
+            state = {"trainer": self.trainer.state(), "torch_rng": torch.get_rng_state()}
+            sent = self.transport.send_object(nxt, HANDOFF, {"step": step, "end": None, "state": state}, "adapters")
+            self.transport.send_object(SERVER, HANDOFF, sent)
+        else:
+            for c in others:
+                self.transport.send_object(c, HANDOFF, {"step": step, "end": end, "state": None})
+
+    def _wait_for_turn(self, step: int) -> int:
+        """Block (with a deadline of comm.timeout_s per step waited) until the client model
+        arrives; returns the step after which this client's turn starts."""
+        t = self.cfg.train
+        mine = (s for s in range(step + 1, t.steps + 1) if sl_owner(s, t, self.num_clients) == self.index)
+        wait = next(mine, t.steps + 1) - step  # (no turn left: wait for the end of training)
+        others = [c + 1 for c in range(self.num_clients) if c != self.index]
+        _, msg = self.transport.recv_any(others, HANDOFF, self.transport.timeout_s * (wait + 1),
+                                         lambda m: "adapters" if m["state"] else "control")  # fmt: skip
+        if msg["end"] == "done":
+            return t.steps
+        if msg["end"] == "stopped":
+            raise Stopped(msg["step"])
+        if msg["end"] == "diverged":
+            raise Diverged(msg["step"], float("nan"))
+        self.trainer.load_state(msg["state"]["trainer"])
+        torch.set_rng_state(msg["state"]["torch_rng"])
+        return msg["step"]
+
     def state(self) -> dict[str, Any]:
         """Everything a bit-exact resume needs from this client."""
         return {
-            "adapter": {k: v.detach().cpu().clone() for k, v in self.part.adapter_state().items()},
             "trainer": self.trainer.state(),
             "sampler_position": self.sampler.position,
             "tokens": self.tokens,
@@ -78,7 +153,6 @@ class Client:
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
-        self.part.load_adapter_state(state["adapter"])
         self.trainer.load_state(state["trainer"])
         self.sampler.position = state["sampler_position"]
         self.tokens = state["tokens"]

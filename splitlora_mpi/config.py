@@ -24,6 +24,11 @@ class ConfigError(ValueError):
     """Bad configuration, data or arguments: reported as one line, exit code 2."""
 
 
+class JobFailed(RuntimeError):
+    """A failure with a known cause (e.g. a peer that stopped answering): one line from the
+    rank that saw it, exit code 1, every rank taken down."""
+
+
 class Stopped(Exception):
     """A signal asked the job to stop: every rank stopped after the same step and wrote a
     checkpoint of it (exit code 143; the same command resumes)."""
@@ -45,7 +50,11 @@ class RunConfig:
     name: str = _f("splitlora", "run name; the default out_dir is runs/<name>")
     out_dir: str | None = _f(None, "directory for config.yaml, metrics.jsonl, summary.json, adapter/, base/")
     seed: int = _f(0, "seed for weights, data partition and sampling", min=0)
-    mode: Literal["splitlora", "central"] = _f("splitlora", "splitlora: server + clients over MPI; central: one rank")
+    mode: Literal["splitlora", "sl", "fedlora", "central"] = _f(
+        "splitlora",
+        "splitlora: server + clients in parallel; sl: clients take turns; fedlora: each client trains the whole "
+        "model, FedAvg; central: one rank, all data",
+    )
 
 
 @dataclass
@@ -150,6 +159,25 @@ class JobConfig:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What must be equal on every rank (and in a checkpoint resumed from) for the job to
+        be one model and one schedule."""
+        from . import __version__
+
+        keep = ("model.", "split.", "lora.", "comm.activation_dtype", "train.", "data.max_seq_len", "run.seed",
+                "run.mode")  # fmt: skip
+        return {"version": __version__, **{k: v for k, v in _flatten(self.to_dict()).items() if k.startswith(keep)}}
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "config":
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
 
 
 # ---------------------------------------------------------------- loading
@@ -305,12 +333,14 @@ def _check_cross_fields(cfg: JobConfig) -> None:
                 f"config key 'model.config.model_type': expected one of {', '.join(MODEL_FAMILIES)}, got {model_type!r}"
             )
     t = cfg.train
+    every = cfg.checkpoint.every
+    if cfg.run.mode == "fedlora" and every and every % t.aggregate_every:
+        raise ConfigError(
+            f"config key 'checkpoint.every': fedlora checkpoints at the end of a round; expected a multiple of "
+            f"train.aggregate_every ({t.aggregate_every}), got {every}"
+        )
     if t.eval_every and t.eval_every % t.aggregate_every:
         raise ConfigError(
             f"config key 'train.eval_every': expected a multiple of train.aggregate_every ({t.aggregate_every}) "
             f"so validation sees averaged adapters, got {t.eval_every}"
-        )
-    if cfg.checkpoint.every and cfg.run.mode == "central":
-        raise ConfigError(
-            "config key 'checkpoint.every': checkpoints are not implemented for run.mode central yet; expected 0"
         )

@@ -35,9 +35,9 @@ class Tokenizer(Protocol):
 class ByteTokenizer:
     """Built in, no files: ids 0..255 are UTF-8 bytes, 256 = eos, 257 = pad."""
 
-    vocab_size = 258
-    eos_token_id = 256
-    pad_token_id = 257
+    vocab_size: int = 258
+    eos_token_id: int = 256
+    pad_token_id: int = 257
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -65,14 +65,20 @@ class HFTokenizer:
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
+    """'byte', a hub id or a local tokenizer directory; any failure is a config error."""
     if spec == "byte":
         return ByteTokenizer()
     try:
+        source = spec
+        if spec.startswith(("/", ".", "~")):  # a path: say so plainly (the hub client would call it a bad repo id)
+            source = str(Path(spec).expanduser())
+            if not Path(source).is_dir():
+                raise FileNotFoundError("no such directory")
         from transformers import AutoTokenizer
 
-        return HFTokenizer(AutoTokenizer.from_pretrained(spec))
-    except (OSError, ValueError, TypeError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return HFTokenizer(AutoTokenizer.from_pretrained(source))
+    except Exception as e:  # transformers / tokenizers raise many types; all mean "cannot load"
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(
             f"config key 'model.tokenizer': cannot load '{spec}': {reason}; "
             "expected 'byte', a hub id or a tokenizer directory"
@@ -96,6 +102,9 @@ def packaged_data_paths() -> tuple[Path, Path]:
 
 
 def read_examples(path: str | Path, fmt: str) -> list[Example]:
+    """Parse a whole file up front, so bad data fails at start-up with file:line, not mid-run."""
+    if fmt not in ("e2e", "jsonl"):
+        raise ConfigError(f"config key 'data.format': expected 'e2e' or 'jsonl', got {fmt!r}")
     path = Path(path)
     try:
         text = path.read_bytes().decode("utf-8")
@@ -107,7 +116,8 @@ def read_examples(path: str | Path, fmt: str) -> list[Example]:
         line = path.read_bytes()[: e.start].count(b"\n") + 1
         raise ConfigError(f"data file {path}:{line}: not UTF-8 text (binary data?)") from None
     parse = _parse_e2e if fmt == "e2e" else _parse_jsonl
-    examples = [parse(line, f"{path}:{i}") for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+    # split on "\n" only: splitlines() also breaks on U+2028, form feeds, ... (wrong line numbers)
+    examples = [parse(line, f"{path}:{i}") for i, line in enumerate(text.split("\n"), 1) if line.strip()]
     if not examples:
         raise ConfigError(f"data file {path}: no examples (empty file), expected {fmt} lines")
     return examples
@@ -155,6 +165,11 @@ class EncodedData:
 
 
 def encode_examples(examples: list[Example], tok: Tokenizer, max_seq_len: int, fmt: str = "e2e") -> EncodedData:
+    """Pad / truncate every row to max_seq_len; labels (unshifted) only on completion + eos.
+
+    Too long: the completion keeps min(len, max(T // 2, T - len(prompt))) tokens and the
+    prompt its first T - kept tokens, so every row keeps targets (DESIGN §8).
+    """
     n, t = len(examples), max_seq_len
     ids = torch.full((n, t), tok.pad_token_id, dtype=torch.long)
     mask = torch.zeros((n, t), dtype=torch.long)
@@ -169,8 +184,7 @@ def encode_examples(examples: list[Example], tok: Tokenizer, max_seq_len: int, f
         row = prompt + completion
         ids[i, : len(row)] = torch.tensor(row)
         mask[i, : len(row)] = 1
-        start = max(len(prompt), 1)  # position 0 is never predicted
-        labels[i, start : len(row)] = ids[i, start : len(row)]
+        labels[i, len(prompt) : len(row)] = ids[i, len(prompt) : len(row)]
     return EncodedData(ids, mask, labels, [ex.group for ex in examples], truncated)
 
 
@@ -191,6 +205,11 @@ class Batch:
         """Non-padding input tokens."""
         return int(self.attention_mask.sum())
 
+    @property
+    def target_tokens(self) -> int:
+        """Positions >= 1 with a label: what the shifted loss averages over."""
+        return int((self.labels[:, 1:] != IGNORE).sum())
+
     def to(self, device: torch.device) -> Batch:
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
 
@@ -210,8 +229,12 @@ def partition(groups: list[str], num_clients: int, scheme: str, alpha: float, se
     representation) split with proportions ~ Dir(alpha), the usual label-skew scheme.
     """
     n = len(groups)
+    if scheme not in ("iid", "dirichlet"):
+        raise ConfigError(f"config key 'data.partition': expected 'iid' or 'dirichlet', got {scheme!r}")
     if n < num_clients:
-        raise ConfigError(f"training data: {n} examples for {num_clients} clients; expected at least one per client")
+        raise ConfigError(
+            f"training data: {n} examples for {num_clients} clients; expected at least one example per client"
+        )
     rng = np.random.default_rng(seed)
     if scheme == "iid":
         parts = np.array_split(rng.permutation(n), num_clients)
@@ -222,8 +245,9 @@ def partition(groups: list[str], num_clients: int, scheme: str, alpha: float, se
         buckets: list[list[int]] = [[] for _ in range(num_clients)]
         for g in sorted(by_group):
             members = rng.permutation(by_group[g])
-            cuts = (np.cumsum(rng.dirichlet(np.full(num_clients, alpha)))[:-1] * len(members)).astype(int)
-            for c, share in enumerate(np.split(members, cuts)):
+            # counts ~ Multinomial(n, p): flooring cumulative cut points would give the last client a remainder
+            counts = rng.multinomial(len(members), rng.dirichlet(np.full(num_clients, alpha)))
+            for c, share in enumerate(np.split(members, np.cumsum(counts)[:-1])):
                 buckets[c].extend(int(i) for i in share)
         parts = [np.array(b, dtype=np.int64) for b in buckets]
     out = [sorted(int(i) for i in p) for p in parts]
@@ -240,6 +264,8 @@ class Sampler:
     """Endless, deterministic stream of batches of one client's rows: one reshuffle per epoch."""
 
     def __init__(self, indices: list[int], batch_size: int, seed: int, client: int):
+        if not indices or batch_size < 1:
+            raise ValueError(f"Sampler needs indices and batch_size >= 1, got {len(indices)} and {batch_size}")
         self.indices = list(indices)
         self.batch_size = batch_size
         self.seed = seed

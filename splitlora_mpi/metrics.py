@@ -101,6 +101,10 @@ class Metrics:
     def total_received(self) -> int:
         return sum(self.received_bytes.values())
 
+    def received_from_ranks(self) -> int:
+        """Bytes that other ranks sent this one point to point (not collectives' results)."""
+        return sum(n for (peer, _), n in self.received_bytes.items() if peer.isdigit())
+
     # ------------------------------------------------------------ export
 
     def serve(self, addr: str, port: int) -> None:

@@ -20,8 +20,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from . import __version__
-from .config import ConfigError, JobConfig
+from .config import ConfigError, JobFailed
 from .metrics import Metrics
 
 SERVER = 0
@@ -33,11 +32,11 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.int64
 CONTINUE, DIVERGED, STOP = 0, 1, 2
 
 # phase tags: a message's tag is phase + kind offset
-TRAIN, EVAL, HANDSHAKE, EXPORT, STATS, CHECKPOINT = 100, 200, 400, 410, 420, 430
+TRAIN, EVAL, HANDSHAKE, EXPORT, STATS, CHECKPOINT, HANDOFF = 100, 200, 400, 410, 420, 430, 440
 _HEADER, _PAYLOAD = 0, 1
 
 
-class CommTimeout(RuntimeError):
+class CommTimeout(JobFailed):
     """A peer did not answer within comm.timeout_s."""
 
 
@@ -77,10 +76,19 @@ class Transport:
 
     # ------------------------------------------------------------ waiting
 
-    def _poll(self, done: Callable[[], bool], op: str, pending: Callable[[], list[int]], what: str) -> None:
-        """Call `done()` until it is true: a short spin, then 1 ms sleeps, up to comm.timeout_s."""
+    def _poll(
+        self,
+        done: Callable[[], bool],
+        op: str,
+        pending: Callable[[], list[int]],
+        what: str,
+        timeout_s: float | None = None,
+    ) -> None:
+        """Call `done()` until it is true: a short spin, then 1 ms sleeps, up to comm.timeout_s
+        (or `timeout_s` for a wait known to span several steps)."""
         start = time.perf_counter()
-        deadline = time.monotonic() + self.timeout_s
+        timeout_s = timeout_s or self.timeout_s
+        deadline = time.monotonic() + timeout_s
         spins = 0
         while not done():
             spins += 1
@@ -89,7 +97,7 @@ class Transport:
             if time.monotonic() > deadline:
                 raise CommTimeout(
                     f"rank {self.rank}: no answer from rank(s) {sorted(set(pending()))} within "
-                    f"comm.timeout_s={self.timeout_s:g} s while {what}"
+                    f"{timeout_s:g} s (comm.timeout_s={self.timeout_s:g}) while {what}"
                 )
         if self.metrics.timing:
             self.metrics.comm(op, time.perf_counter() - start)
@@ -154,10 +162,12 @@ class Transport:
 
     # ------------------------------------------------------------ control objects
 
-    def send_object(self, dest: int, phase: int, obj: Any, kind: str = "control") -> None:
+    def send_object(self, dest: int, phase: int, obj: Any, kind: str = "control") -> int:
+        """Pickle and send one object; returns its size in bytes."""
         data = np.frombuffer(pickle.dumps(obj), dtype=np.uint8)
         self.metrics.sent(dest, kind, data.nbytes)
         self._wait([self.comm.Isend([data, MPI.BYTE], dest, phase)], "send", f"sending phase {phase}", [dest])
+        return data.nbytes
 
     def recv_objects(self, sources: list[int], phase: int, kind: str = "control") -> dict[int, Any]:
         """Receive one pickled object from each source, probing for its size."""
@@ -175,6 +185,26 @@ class Transport:
 
         self._poll(done, "recv", lambda: [s for s in sources if s not in out], f"receiving phase {phase}")
         return out
+
+    def recv_any(
+        self, sources: list[int], phase: int, timeout_s: float, kind_of: Callable[[Any], str]
+    ) -> tuple[int, Any]:
+        """The first pickled object any of `sources` sends (sl mode: a client waits for its turn);
+        `kind_of(obj)` names the byte kind it is counted as."""
+        status = MPI.Status()
+        got: list[tuple[int, Any]] = []
+
+        def done() -> bool:
+            if self.comm.Iprobe(MPI.ANY_SOURCE, phase, status):
+                source = status.Get_source()
+                buf = np.empty(status.Get_count(MPI.BYTE), dtype=np.uint8)
+                self.comm.Recv([buf, MPI.BYTE], source, phase)
+                got.append((source, pickle.loads(buf.tobytes())))
+                self.metrics.received(source, kind_of(got[0][1]), buf.nbytes)
+            return bool(got)
+
+        self._poll(done, "recv", lambda: sources, f"waiting for its turn (phase {phase})", timeout_s)
+        return got[0]
 
     # ------------------------------------------------------------ handshake
 
@@ -208,31 +238,17 @@ class Transport:
         color = MPI.UNDEFINED if self.rank == SERVER else 1
         self._clients = self.comm.Split(color, self.rank)
 
-    def allreduce_sum(self, buf: np.ndarray) -> np.ndarray:
-        """Sum `buf` over all clients (one non-blocking Allreduce, polled with a deadline)."""
-        assert self._clients is not None, "open_clients_group() first"
+    def allreduce_sum(self, buf: np.ndarray, world: bool = False) -> np.ndarray:
+        """Sum `buf` over all clients, or over all ranks with `world` (fedlora), with one
+        non-blocking Allreduce polled with a deadline."""
+        comm, peer = (self.comm, "all") if world else (self._clients, "clients")
+        assert comm is not None, "open_clients_group() first"
         out = np.empty_like(buf)
-        req = self._clients.Iallreduce([buf, MPI.DOUBLE], [out, MPI.DOUBLE], MPI.SUM)
-        self.metrics.sent("clients", "adapters", buf.nbytes)
-        self.metrics.received("clients", "adapters", out.nbytes)
-        self._wait([req], "allreduce", "averaging client adapters (Allreduce)", [-1])
+        req = comm.Iallreduce([buf, MPI.DOUBLE], [out, MPI.DOUBLE], MPI.SUM)
+        self.metrics.sent(peer, "adapters", buf.nbytes)
+        self.metrics.received(peer, "adapters", out.nbytes)
+        self._wait([req], "allreduce", f"averaging adapters (Allreduce over {peer})", [-1])
         return out
-
-
-def fingerprint(cfg: JobConfig) -> dict[str, Any]:
-    """What must be equal on every rank for the split to be one model and one schedule."""
-    keep = ("model.", "split.", "lora.", "comm.activation_dtype", "train.", "data.max_seq_len", "run.seed", "run.mode")
-    return {"version": __version__, **{k: v for k, v in _flatten(cfg.to_dict()).items() if k.startswith(keep)}}
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "config":
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
 
 
 def _verdict(mine: dict[str, Any], hellos: dict[int, dict[str, Any]]) -> str | None:

@@ -24,13 +24,12 @@ from .data import (
     packaged_data_paths,
     partition,
     read_examples,
-    shard,
 )
 from .metrics import Metrics
 from .model import SplitPart, build_base, export_adapter, hf_config
-from .protocol import CHECKPOINT, EXPORT, SERVER, STATS, Transport, fingerprint, world_rank, world_size
+from .protocol import CHECKPOINT, EXPORT, SERVER, STATS, Transport, world_rank, world_size
 from .runlog import RunLog, atomic_dir, check_writable, say
-from .training import aggregations_until
+from .training import aggregations_until, sl_owner
 
 
 def run(cfg: JobConfig) -> None:
@@ -42,6 +41,7 @@ def run(cfg: JobConfig) -> None:
                 f"config key 'run.mode': 'central' runs on one rank, got {world_size()} ranks; "
                 "start it without mpirun: python -m splitlora_mpi --set run.mode=central"
             )
+        _catch_stop_signals(0)
         _set_threads(1)
         return _run_central(cfg, Metrics(0, "central", export=_exported(cfg)))
     if world_size() < 2:
@@ -50,8 +50,8 @@ def run(cfg: JobConfig) -> None:
             "Launch with `mpirun -n 9 python -m splitlora_mpi` using the mpirun of the MPI that mpi4py loaded "
             "(pip's mpich wheel puts it next to python); another launcher starts N separate 1-rank jobs"
         )
-    _catch_stop_signals()
     rank = world_rank()
+    _catch_stop_signals(rank)
     metrics = Metrics(rank, "server" if rank == SERVER else "client", export=_exported(cfg))
     transport = Transport(cfg.comm.timeout_s, metrics)
     _set_threads(transport.local_size)
@@ -66,14 +66,22 @@ def run(cfg: JobConfig) -> None:
 _STOP = threading.Event()
 
 
-def _catch_stop_signals() -> None:
+def _catch_stop_signals(rank: int) -> None:
     """SIGTERM / SIGINT (pre-emption, Ctrl-C): stop after the current step with a checkpoint
-    (exit code 143); a second signal exits at once."""
+    (exit code 143); a second signal exits at once. mpirun forwards a signal to every rank;
+    rank 0 says what happens (os.write: print is not safe inside a signal handler)."""
 
     def handler(signum: int, frame: Any) -> None:
         if _STOP.is_set():
+            if rank == 0:
+                os.write(2, f"second signal ({signum}): exiting at once, without a checkpoint\n".encode())
             os._exit(128 + signum)
         _STOP.set()
+        if rank == 0:
+            os.write(
+                2,
+                f"signal {signum}: stopping after this step with a checkpoint; signal again to exit at once\n".encode(),
+            )
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, handler)
@@ -142,30 +150,90 @@ def _run_central(cfg: JobConfig, metrics: Metrics) -> None:
     check_writable(cfg.out_dir)
     tok, config = _tokenizer_and_config(cfg)
     train, val = _load_data(cfg, tok)
+    found = _find_checkpoint(cfg, 1)
     _serve_metrics(cfg, metrics, 0)
     rows = partition(train.groups, 1, cfg.data.partition, cfg.data.dirichlet_alpha, cfg.run.seed)[0]
     device = _device(0)
     client_part = SplitPart(cfg, config, "client", device)
     server_part = SplitPart(cfg, config, "server", device)
     job = Central(cfg, client_part, server_part, train, rows, val, metrics)
-    log = RunLog(cfg.out_dir, cfg.to_yaml(), cfg.train.steps, cfg.train.log_every)
+    saved = checkpoint.from_bytes(found.files[0].read_bytes()) if found else None
+    if saved:
+        job.load_state(saved["central"])
+        metrics.load_state(saved["metrics"])
+        print(f"central: resuming from {checkpoint.step_dir(cfg.out_dir, saved['step'])}", flush=True)
+    log = RunLog(cfg.out_dir, cfg.to_yaml(), cfg.train.steps, cfg.train.log_every, saved["log"] if saved else None)
     print(f"central: {len(rows)} training rows, {len(val)} validation rows, {cfg.train.steps} steps", flush=True)
-    job.run(lambda step, loss, tokens, lr, val_loss: log.step(step, loss, tokens, lr, val_loss, 0))
+
+    def on_checkpoint(step: int) -> None:
+        state = {"step": step, "central": job.state(), "log": log.state(), "metrics": metrics.state()}
+        _save_checkpoint(cfg, step, 1, {0: checkpoint.to_bytes(state)})
+
+    job.run(
+        lambda step, loss, tokens, lr, val_loss: log.step(step, loss, tokens, lr, val_loss, 0),
+        saved["step"] if saved else 0,
+        on_checkpoint,
+        _STOP.is_set,
+    )
     _write_model_outputs(cfg, config, server_part, {**client_part.adapter_state(), **server_part.adapter_state()})
     rss = _peak_rss_mb()
     log.close(_summary(
         cfg, log, world_size=1, num_clients=1, bytes=metrics.sent_by_kind(),
+        tokens_by_client=[job.tokens],
         client_trainable_params=_param_count(client_part), server_trainable_params=_param_count(server_part),
         peak_rss_mb={"server": rss, "client_max": rss},
     ))  # fmt: skip
     _finish_metrics(cfg, metrics)
 
 
+# ---------------------------------------------------------------- checkpoints (rank 0 writes them all)
+
+
+def _find_checkpoint(cfg: JobConfig, world_size: int) -> checkpoint.Found | None:
+    if cfg.checkpoint.resume != "auto":
+        return None
+    found, warnings = checkpoint.newest_complete(cfg.out_dir, world_size, cfg.fingerprint())
+    for warning in warnings:
+        say(f"warning: {warning}")
+    return found
+
+
+def _save_checkpoint(cfg: JobConfig, step: int, world_size: int, states: dict[int, bytes]) -> None:
+    """Every rank's file, then the manifest, then prune; one progress line with size and time."""
+    start = time.perf_counter()
+    hashes = {rank: checkpoint.save_rank(cfg.out_dir, step, rank, data) for rank, data in states.items()}
+    checkpoint.write_manifest(cfg.out_dir, step, world_size, cfg.fingerprint(), hashes)
+    checkpoint.prune(cfg.out_dir, cfg.checkpoint.keep)
+    size = sum(len(data) for data in states.values())
+    print(
+        f"checkpoint {checkpoint.step_dir(cfg.out_dir, step)}: {len(states)} rank files, {size / 1e3:,.1f} kB, "
+        f"written in {(time.perf_counter() - start) * 1e3:.0f} ms",
+        flush=True,
+    )
+
+
 # ---------------------------------------------------------------- split roles
+
+
+def _exporter(cfg: JobConfig, num_clients: int) -> int | None:
+    """The client rank that sends rank 0 the final client adapter (fedlora: rank 0 has it)."""
+    if cfg.run.mode == "fedlora":
+        return None
+    if cfg.run.mode == "sl":  # the client that trained last holds the travelling client model
+        return sl_owner(cfg.train.steps, cfg.train, num_clients) + 1
+    return 1  # after the final average every client holds the same adapter
+
+
+def _savers(cfg: JobConfig, step: int, clients: list[int]) -> list[int]:
+    """The clients whose state a checkpoint of `step` holds (sl: only the one whose turn it is)."""
+    if cfg.run.mode == "sl":
+        return [clients[sl_owner(step, cfg.train, len(clients))]]
+    return clients
 
 
 def _run_client(cfg: JobConfig, transport: Transport) -> None:
     from .client import Client
+    from .fedlora import FedClient
 
     num_clients = transport.size - 1
     index = transport.rank - 1
@@ -175,37 +243,46 @@ def _run_client(cfg: JobConfig, transport: Transport) -> None:
         tok, config = _tokenizer_and_config(cfg)
         train, val = _load_data(cfg, tok)
         rows = partition(train.groups, num_clients, cfg.data.partition, cfg.data.dirichlet_alpha, cfg.run.seed)[index]
-        part = SplitPart(cfg, config, "client", _device(transport.local_rank))
+        device = _device(transport.local_rank)
+        parts = [SplitPart(cfg, config, "client", device)]
+        if cfg.run.mode == "fedlora":  # the whole model, as two parts (exactly as central)
+            from .central import Central
+
+            parts.append(SplitPart(cfg, config, "server", device))
+            role: Any = FedClient(Central(cfg, *parts, train, rows, val, transport.metrics, index), transport)
+        else:
+            role = Client(cfg, parts[0], train, rows, val, transport, index, num_clients)
         _serve_metrics(cfg, transport.metrics, transport.local_rank)
         hello = {
+            "pid": os.getpid(),
             "val_rows": len(val),
-            "adapter_numel": _param_count(part),
+            "adapter_numel": _param_count(parts[0]),
             "train_rows": len(rows),
             "truncated": train.truncated,
         }
     except ConfigError as e:
         error = str(e)
-    resume = transport.client_handshake(fingerprint(cfg), hello, error)
+    resume = transport.client_handshake(cfg.fingerprint(), hello, error)
     transport.open_clients_group()
-    client = Client(cfg, part, train, rows, val, transport, index, num_clients)
-    if resume is not None:
-        saved = checkpoint.load_rank(checkpoint.rank_file(cfg.out_dir, resume, transport.rank))
-        client.load_state(saved["client"])
+    if resume is not None and transport.rank in _savers(cfg, resume + 1, list(range(1, num_clients + 1))):
+        # rank 0 holds the checkpoint and sends this client its state
+        saved = checkpoint.from_bytes(transport.recv_objects([SERVER], CHECKPOINT)[SERVER])
+        role.load_state(saved["client"])
         transport.metrics.load_state(saved["metrics"])
 
     def on_checkpoint(step: int) -> None:
-        state = {"step": step, "client": client.state(), "metrics": transport.metrics.state()}
-        transport.send_object(SERVER, CHECKPOINT, checkpoint.save_rank(cfg.out_dir, step, transport.rank, state))
+        state = {"step": step, "client": role.state(), "metrics": transport.metrics.state()}
+        transport.send_object(SERVER, CHECKPOINT, checkpoint.to_bytes(state))
 
-    client.run(resume or 0, on_checkpoint, _STOP.is_set)
-    if transport.rank == 1:  # after the final average every client holds the same adapter
-        adapter = {k: v.detach().cpu().numpy() for k, v in part.adapter_state().items()}
+    role.run(resume or 0, on_checkpoint, _STOP.is_set)
+    if transport.rank == _exporter(cfg, num_clients):
+        adapter = {k: v.detach().cpu().numpy() for k, v in parts[0].adapter_state().items()}
         transport.send_object(SERVER, EXPORT, adapter, kind="adapters")
     stats = {
-        "tokens": client.tokens,
+        "tokens": role.tokens,
         "peak_rss_mb": _peak_rss_mb(),
-        "trainable_params": _param_count(part),
-        "allreduce_bytes": transport.metrics.sent_bytes[("clients", "adapters")],
+        "trainable_params": sum(_param_count(p) for p in parts),
+        "sent": transport.metrics.sent_by_kind(),
     }
     transport.send_object(SERVER, STATS, stats)
     transport.barrier("finishing")  # every rank's endpoint lingers over the same window
@@ -213,6 +290,7 @@ def _run_client(cfg: JobConfig, transport: Transport) -> None:
 
 
 def _run_server(cfg: JobConfig, transport: Transport) -> None:
+    from .fedlora import FedServer
     from .server import Server
 
     clients = list(range(1, transport.size))
@@ -220,57 +298,77 @@ def _run_server(cfg: JobConfig, transport: Transport) -> None:
     try:
         check_writable(cfg.out_dir)
         tok, config = _tokenizer_and_config(cfg)
-        part = SplitPart(cfg, config, "server", _device(transport.local_rank))
+        device = _device(transport.local_rank)
+        part = SplitPart(cfg, config, "server", device)
+        if cfg.run.mode == "fedlora":  # rank 0 evaluates the averaged whole model
+            client_part = SplitPart(cfg, config, "client", device)
+            val = encode_examples(read_examples(_data_paths(cfg)[1], cfg.data.format), tok, cfg.data.max_seq_len,
+                                  cfg.data.format)  # fmt: skip
         _serve_metrics(cfg, transport.metrics, transport.local_rank)
-        if cfg.checkpoint.resume == "auto":
-            found, warnings = checkpoint.newest_complete(cfg.out_dir, transport.size, fingerprint(cfg))
-            for warning in warnings:
-                say(f"warning: {warning}")
+        found = _find_checkpoint(cfg, transport.size)
     except ConfigError as e:
         error = str(e)
-    resume = found.step if found else None
-    hellos = transport.server_handshake(clients, fingerprint(cfg), error, resume)
+    hellos = transport.server_handshake(clients, cfg.fingerprint(), error, found.step if found else None)
     transport.open_clients_group()
     h = hellos[1]
+    pids = " ".join(f"{r}={p}" for r, p in [(SERVER, os.getpid())] + [(c, hellos[c]["pid"]) for c in clients])
+    print(f"server: process ids by rank {pids} (mpirun names a failed rank by its pid)", flush=True)
     print(
-        f"server: {len(clients)} clients, {sum(x['train_rows'] for x in hellos.values())} training rows "
-        f"({h['truncated']} truncated to {cfg.data.max_seq_len} tokens), {h['val_rows']} validation rows, "
+        f"server: {cfg.run.mode}, {len(clients)} clients, {sum(x['train_rows'] for x in hellos.values())} training "
+        f"rows ({h['truncated']} truncated to {cfg.data.max_seq_len} tokens), {h['val_rows']} validation rows, "
         f"{cfg.train.steps} steps",
         flush=True,
     )
-    val_batches = {c: -(-len(shard(h["val_rows"], len(clients), c - 1)) // cfg.train.batch_size) for c in clients}
-    server = Server(cfg, part, transport, clients, val_batches)
+    if cfg.run.mode == "fedlora":
+        role: Any = FedServer(cfg, client_part, part, val, transport)
+    else:
+        role = Server(cfg, part, transport, clients, h["val_rows"])
     m = transport.metrics
-    saved = checkpoint.load_rank(found.files[SERVER]) if found else None
-    if saved:
-        server.load_state(saved["server"])
+    saved = checkpoint.from_bytes(found.files[SERVER].read_bytes()) if found else None
+    if found:  # (sent before the counters are restored: uncounted on both sides, like the client's receive)
+        for c in _savers(cfg, found.step + 1, clients):
+            source = c if c in found.files else max(found.files)  # sl: the next turn takes over the state
+            transport.send_object(c, CHECKPOINT, found.files[source].read_bytes())
+        role.load_state(saved["server"])
         m.load_state(saved["metrics"])
         print(f"server: resuming from {checkpoint.step_dir(cfg.out_dir, saved['step'])}", flush=True)
     log = RunLog(cfg.out_dir, cfg.to_yaml(), cfg.train.steps, cfg.train.log_every, saved["log"] if saved else None)
-    numel = h["adapter_numel"]
+
+    def client_peer_bytes(step: int) -> int:
+        """What clients sent each other so far (rank 0 sees everything else)."""
+        if cfg.run.mode == "sl":
+            return role.handoff_bytes
+        if cfg.run.mode == "fedlora":  # every rank's Allreduce buffer is the size of rank 0's
+            return len(clients) * m.sent_bytes[("all", "adapters")]
+        return aggregations_until(step, cfg.train) * len(clients) * (h["adapter_numel"] + 1) * 8
 
     def on_step(step: int, loss: float, tokens: int, lr: float, val: float | None) -> None:
-        # every byte a client sends goes to rank 0, except its Allreduce buffer (known size)
-        allreduce = aggregations_until(step, cfg.train) * len(clients) * (numel + 1) * 8
-        log.step(step, loss, tokens, lr, val, m.total_sent() + m.total_received() + allreduce)
+        log.step(step, loss, tokens, lr, val, m.total_sent() + m.received_from_ranks() + client_peer_bytes(step))
 
     def on_checkpoint(step: int) -> None:
-        state = {"step": step, "server": server.state(), "log": log.state(), "metrics": m.state()}
-        hashes = {SERVER: checkpoint.save_rank(cfg.out_dir, step, SERVER, state)}
-        hashes.update(transport.recv_objects(clients, CHECKPOINT))
-        checkpoint.write_manifest(cfg.out_dir, step, transport.size, fingerprint(cfg), hashes)
-        checkpoint.prune(cfg.out_dir, cfg.checkpoint.keep)
+        state = {"step": step, "server": role.state(), "log": log.state(), "metrics": m.state()}
+        states = {SERVER: checkpoint.to_bytes(state), **transport.recv_objects(_savers(cfg, step, clients), CHECKPOINT)}
+        _save_checkpoint(cfg, step, transport.size, states)
 
-    server.run(on_step, resume or 0, on_checkpoint, _STOP.is_set)
-    adapter = transport.recv_objects([1], EXPORT, kind="adapters")[1]
+    role.run(on_step, found.step if found else 0, on_checkpoint, _STOP.is_set)
+    exporter = _exporter(cfg, len(clients))
+    if exporter is None:
+        state = role.adapter_state()
+    else:
+        adapter = transport.recv_objects([exporter], EXPORT, kind="adapters")[exporter]
+        state = {**{k: torch.from_numpy(v) for k, v in adapter.items()}, **part.adapter_state()}
+    before = m.received_from_ranks()
     stats = transport.recv_objects(clients, STATS)
-    state = {**{k: torch.from_numpy(v) for k, v in adapter.items()}, **part.adapter_state()}
     _write_model_outputs(cfg, config, part, state)
-    by_kind = {k: m.sent_by_kind()[k] + m.received_by_kind()[k] for k in m.sent_by_kind()}
-    by_kind["adapters"] += sum(s["allreduce_bytes"] for s in stats.values())
+    by_kind = m.sent_by_kind()  # summary: every rank's sends, by kind
+    for s in stats.values():
+        by_kind = {k: by_kind[k] + s["sent"][k] for k in by_kind}
+    by_kind["control"] += m.received_from_ranks() - before  # the statistics messages themselves
     log.close(_summary(
         cfg, log, world_size=transport.size, num_clients=len(clients), bytes=by_kind,
-        client_trainable_params=stats[1]["trainable_params"], server_trainable_params=_param_count(part),
+        tokens_by_client=[stats[c]["tokens"] for c in clients],
+        client_trainable_params=stats[1]["trainable_params"],
+        server_trainable_params=0 if cfg.run.mode == "fedlora" else _param_count(part),
         peak_rss_mb={"server": _peak_rss_mb(), "client_max": max(s["peak_rss_mb"] for s in stats.values())},
     ))  # fmt: skip
     transport.barrier("finishing")

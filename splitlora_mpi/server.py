@@ -2,7 +2,8 @@
 
 Per step: take every client's activations in arrival order, concatenate them in rank
 order (deterministic), compute the token-averaged loss, step, and return each client the
-gradient slice of the activations it sent.
+gradient slice of the activations it sent. In `sl` mode only one client (the one whose
+turn it is) sends per step; everything else is the same.
 """
 
 from __future__ import annotations
@@ -14,27 +15,36 @@ from typing import Any
 import torch
 
 from .config import JobConfig, Stopped
+from .data import shard
 from .model import SplitPart
-from .protocol import CONTINUE, DIVERGED, EVAL, STOP, TRAIN, Message, Transport
-from .training import Diverged, PartTrainer, eval_loss_sum, is_checkpoint_step, is_eval_step, server_update
+from .protocol import CONTINUE, DIVERGED, EVAL, HANDOFF, STOP, TRAIN, Message, Transport
+from .training import (
+    Diverged,
+    PartTrainer,
+    eval_loss_sum,
+    is_checkpoint_step,
+    is_eval_step,
+    server_update,
+    sl_owner,
+)
 
 KINDS_UP = ["activations", "labels"]
 
 
 class Server:
-    def __init__(
-        self, cfg: JobConfig, part: SplitPart, transport: Transport, clients: list[int], val_batches: dict[int, int]
-    ):
+    def __init__(self, cfg: JobConfig, part: SplitPart, transport: Transport, clients: list[int], val_rows: int):
         self.cfg = cfg
         self.part = part
         self.trainer = PartTrainer(part, cfg.train)
         self.transport = transport
         self.clients = sorted(clients)
-        self.val_batches = val_batches  # validation batches each client will send
+        self.val_rows = val_rows
         self.wire_dtype = getattr(torch, cfg.comm.activation_dtype)
         self.compute_dtype = getattr(torch, cfg.model.dtype)
         self.device = next(part.parameters()).device
         self.tokens = 0
+        self.handoff_bytes = 0  # sl: client-to-client handoffs, as their senders report them
+        self.start = 0
 
     def run(
         self,
@@ -46,6 +56,7 @@ class Server:
         """Steps start+1 .. train.steps; `on_step(step, loss, tokens, lr, val_loss)` after each.
         A stop asked for by a signal here or on any client ends every rank after the same step."""
         t = self.cfg.train
+        self.start = start
         for step in range(start + 1, t.steps + 1):
             lr = self.trainer.lr
             loss, tokens, stopping = self.train_step(step, stop_requested())
@@ -58,17 +69,23 @@ class Server:
 
     def state(self) -> dict[str, Any]:
         return {
-            "adapter": {k: v.detach().cpu().clone() for k, v in self.part.adapter_state().items()},
             "trainer": self.trainer.state(),
             "tokens": self.tokens,
+            "handoff_bytes": self.handoff_bytes,
             "torch_rng": torch.get_rng_state(),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
-        self.part.load_adapter_state(state["adapter"])
         self.trainer.load_state(state["trainer"])
         self.tokens = state["tokens"]
+        self.handoff_bytes = state["handoff_bytes"]
         torch.set_rng_state(state["torch_rng"])
+
+    def active(self, step: int) -> list[int]:
+        """The clients that send activations in `step`."""
+        if self.cfg.run.mode == "sl":
+            return [self.clients[sl_owner(step, self.cfg.train, len(self.clients))]]
+        return self.clients
 
     def _batch(self, uploads: dict[int, list[Message]], step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         for rank, (acts, _) in uploads.items():
@@ -81,7 +98,11 @@ class Server:
 
     def train_step(self, step: int, stop_requested: bool = False) -> tuple[float, int, bool]:
         start = time.perf_counter()
-        uploads = self.transport.recv_tensors(self.clients, TRAIN, KINDS_UP)
+        active = self.active(step)
+        if step > self.start + 1 and active != self.active(step - 1):  # sl: a turn ended
+            previous = self.active(step - 1)[0]
+            self.handoff_bytes += self.transport.recv_objects([previous], HANDOFF)[previous]
+        uploads = self.transport.recv_tensors(active, TRAIN, KINDS_UP)
         stopping = stop_requested or any(msgs[0].flag == STOP for msgs in uploads.values())
         h, mask, labels = self._batch(uploads, step)
         sizes = [uploads[r][0].tensor.shape[0] for r in sorted(uploads)]
@@ -97,14 +118,17 @@ class Server:
         return loss, tokens, stopping
 
     def _reply(self, step: int, grads: tuple[torch.Tensor, ...], flag: int) -> None:
-        wire = {rank: [(g.to(self.wire_dtype), "gradients")] for rank, g in zip(self.clients, grads)}
+        wire = {rank: [(g.to(self.wire_dtype), "gradients")] for rank, g in zip(sorted(self.active(step)), grads)}
         self.transport.send_tensors(TRAIN, step, wire, flag)
 
     def evaluate(self, step: int) -> float:
-        """Validation loss over every client's share, round by round (one batch per client)."""
+        """Validation loss over every active client's share, round by round (one batch per client)."""
+        active = self.active(step)
+        b = self.cfg.train.batch_size
+        batches = {c: -(-len(shard(self.val_rows, len(active), i)) // b) for i, c in enumerate(active)}
         total, count = 0.0, 0
-        for r in range(max(self.val_batches.values(), default=0)):
-            senders = [c for c in self.clients if self.val_batches[c] > r]
+        for r in range(max(batches.values())):
+            senders = [c for c in active if batches[c] > r]
             h, mask, labels = self._batch(self.transport.recv_tensors(senders, EVAL, KINDS_UP), step)
             loss_sum, n = eval_loss_sum(self.part, h, mask, labels)
             total, count = total + loss_sum, count + n

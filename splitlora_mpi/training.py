@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from transformers import get_linear_schedule_with_warmup
 
 from .config import ConfigError, TrainConfig
+from .data import EncodedData, make_batch
 from .model import SplitPart
 
 
@@ -55,10 +56,17 @@ class PartTrainer:
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
+    def lr_at(self, step: int) -> float:
+        """The learning rate of `step` (1-based) by the schedule, without stepping anything."""
+        return self.schedule.base_lrs[0] * self.schedule.lr_lambdas[0](step - 1)
+
     def state(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict()}
+        """The part's adapter, optimizer and schedule: what a bit-exact resume needs of it."""
+        adapter = {k: v.detach().cpu().clone() for k, v in self.part.adapter_state().items()}
+        return {"adapter": adapter, "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict()}
 
     def load_state(self, state: dict) -> None:
+        self.part.load_adapter_state(state["adapter"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
 
@@ -101,6 +109,19 @@ def eval_loss_sum(
     return float(loss_sum), n
 
 
+@torch.no_grad()
+def evaluate_whole(client_part: SplitPart, server_part: SplitPart, val: EncodedData, batch_size: int) -> float:
+    """Validation loss of the whole model (both parts in one process) over every row."""
+    device = next(client_part.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(val), batch_size):
+        batch = make_batch(val, list(range(start, min(start + batch_size, len(val))))).to(device)
+        loss_sum, n = eval_loss_sum(server_part, client_part(batch.input_ids, batch.attention_mask),
+                                    batch.attention_mask, batch.labels)  # fmt: skip
+        total, count = total + loss_sum, count + n
+    return total / count
+
+
 def is_aggregation_step(step: int, cfg: TrainConfig) -> bool:
     return step % cfg.aggregate_every == 0 or step == cfg.steps
 
@@ -116,3 +137,13 @@ def is_checkpoint_step(step: int, every: int) -> bool:
 
 def is_eval_step(step: int, cfg: TrainConfig) -> bool:
     return (cfg.eval_every > 0 and step % cfg.eval_every == 0) or step == cfg.steps
+
+
+def sl_owner(step: int, cfg: TrainConfig, num_clients: int) -> int:
+    """sl mode: the client (0-based) that trains `step`; clients take turns of aggregate_every steps."""
+    return (step - 1) // cfg.aggregate_every % num_clients
+
+
+def sl_steps_owned(before: int, client: int, cfg: TrainConfig, num_clients: int) -> int:
+    """sl mode: steps 1..before that `client` trained (its sampler position in batches)."""
+    return sum(1 for s in range(1, before + 1) if sl_owner(s, cfg, num_clients) == client)

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,9 +29,8 @@ FAST = ["--set", "train.steps=300", "--set", "train.aggregate_every=5", "--set",
 
 
 def _write(out: Path, step: int, world: int = 2, fp: dict | None = None) -> None:
-    hashes = {
-        r: checkpoint.save_rank(out, step, r, {"rank": r, "w": torch.full((3,), float(step))}) for r in range(world)
-    }
+    states = {r: checkpoint.to_bytes({"rank": r, "w": torch.full((3,), float(step))}) for r in range(world)}
+    hashes = {r: checkpoint.save_rank(out, step, r, data) for r, data in states.items()}
     checkpoint.write_manifest(out, step, world, fp or {"lora.r": 4}, hashes)
 
 
@@ -43,7 +43,7 @@ def test_newest_complete_checkpoint_wins_and_broken_ones_are_skipped(tmp_path):
     assert found is not None and found.step == 10
     assert len(warnings) == 2 and "step-00000020" in warnings[0] and "incomplete" in warnings[0]
     assert "step-00000015" in warnings[1] and "do not match" in warnings[1]
-    assert checkpoint.load_rank(found.files[1])["w"].tolist() == [10.0, 10.0, 10.0]
+    assert checkpoint.from_bytes(found.files[1].read_bytes())["w"].tolist() == [10.0, 10.0, 10.0]
 
 
 def test_another_world_size_or_config_is_refused(tmp_path):
@@ -79,11 +79,20 @@ def _assert_same_run(a: Path, b: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("straight")
-    r = run_cmd(splitlora(*FAST, "--set", "run.out_dir=straight", ranks=RANKS), cwd=tmp, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    return tmp / "straight"
+def straight(tmp_path_factory) -> Callable[[str], Path]:
+    """mode -> the uninterrupted run of that mode (run once, on first use)."""
+    runs: dict[str, Path] = {}
+
+    def get(mode: str) -> Path:
+        if mode not in runs:
+            tmp = tmp_path_factory.mktemp(f"straight-{mode}")
+            r = run_cmd(splitlora(*FAST, "--set", "run.out_dir=straight", "--set", f"run.mode={mode}", ranks=RANKS),
+                        cwd=tmp, timeout=300)  # fmt: skip
+            assert r.returncode == 0, r.stderr[-2000:]
+            runs[mode] = tmp / "straight"
+        return runs[mode]
+
+    return get
 
 
 def _start(tmp: Path, out: str, *extra: str) -> subprocess.Popen:
@@ -99,8 +108,9 @@ def _wait_for_step(proc: subprocess.Popen, metrics: Path, step: int) -> None:
         time.sleep(0.05)
 
 
-def test_sigterm_stops_with_a_checkpoint_and_the_resume_is_bit_exact(tmp_path, straight):
-    proc = _start(tmp_path, "run")
+@pytest.mark.parametrize("mode", ["splitlora", "sl", "fedlora"])
+def test_sigterm_stops_with_a_checkpoint_and_the_resume_is_bit_exact(tmp_path, straight, mode):
+    proc = _start(tmp_path, "run", "--set", f"run.mode={mode}")
     _wait_for_step(proc, tmp_path / "run" / "metrics.jsonl", 23)
     proc.send_signal(signal.SIGTERM)  # mpirun forwards it to every rank
     out, err = proc.communicate(timeout=120)
@@ -109,9 +119,10 @@ def test_sigterm_stops_with_a_checkpoint_and_the_resume_is_bit_exact(tmp_path, s
     assert len(stopped) == 1 and "run the same command again to resume" in stopped[0]
     step = int(stopped[0].split("after step ")[1].split(";")[0])
     assert 23 <= step < 300 and checkpoint.step_dir(tmp_path / "run", step).is_dir()
-    r = run_cmd(splitlora(*FAST, "--set", "run.out_dir=run", ranks=RANKS), cwd=tmp_path, timeout=300)
+    r = run_cmd(splitlora(*FAST, "--set", "run.out_dir=run", "--set", f"run.mode={mode}", ranks=RANKS), cwd=tmp_path,
+                timeout=300)  # fmt: skip
     assert r.returncode == 0 and f"resuming from run/checkpoints/step-{step:08d}" in r.stdout, r.stderr[-2000:]
-    _assert_same_run(straight, tmp_path / "run")
+    _assert_same_run(straight(mode), tmp_path / "run")
 
 
 def test_a_killed_job_resumes_from_its_last_checkpoint_bit_exact(tmp_path, straight):
@@ -129,7 +140,24 @@ def test_a_killed_job_resumes_from_its_last_checkpoint_bit_exact(tmp_path, strai
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"warning: skipping checkpoint run/checkpoints/{newest.name}" in r.stderr
     assert "resuming from run/checkpoints/step-" in r.stdout
-    _assert_same_run(straight, tmp_path / "run")
+    _assert_same_run(straight("splitlora"), tmp_path / "run")
+
+
+def test_central_stops_on_sigterm_and_resumes_bit_exact(tmp_path):
+    central = [*FAST, "--set", "run.mode=central", "--set", "checkpoint.every=50"]
+    r = run_cmd(splitlora(*central, "--set", "run.out_dir=straight"), cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    proc = subprocess.Popen(splitlora(*central, "--set", "run.out_dir=run"), cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    _wait_for_step(proc, tmp_path / "run" / "metrics.jsonl", 23)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "signal 15: stopping after this step" in err, err[-2000:]
+    step = int(err.split("stopped by a signal after step ")[1].split(";")[0])
+    assert f"checkpoint run/checkpoints/step-{step:08d}: 1 rank files" in out
+    r = run_cmd(splitlora(*central, "--set", "run.out_dir=run"), cwd=tmp_path, timeout=300)
+    assert r.returncode == 0 and f"central: resuming from run/checkpoints/step-{step:08d}" in r.stdout, r.stderr
+    _assert_same_run(tmp_path / "straight", tmp_path / "run")
 
 
 def test_resuming_with_another_world_size_is_refused(tmp_path):

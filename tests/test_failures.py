@@ -6,11 +6,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import run_cmd, splitlora
+from conftest import MPIRUN, run_cmd, splitlora
 
 RANKS = 3
 SENTINEL = '{"previous": "run"}\n'
@@ -156,6 +157,39 @@ def test_a_killed_client_ends_the_job(tmp_path):
     assert code != 0 and elapsed < 30, (code, elapsed)
     # mpirun reports the bad termination (naming the PID it saw first) and tears the job down
     assert "BAD TERMINATION" in out + err and "Killed (signal 9)" in out + err
+    assert f" 2={victim} " in out  # rank 0's log maps process ids to ranks
+
+
+@pytest.mark.parametrize("rank", [0, 2])
+def test_a_raising_rank_aborts_every_rank(tmp_path, rank):
+    script = Path(__file__).with_name("faulty_rank.py")
+    cmd = [MPIRUN, "-n", str(RANKS), sys.executable, str(script), str(rank), "5", "--set", "train.steps=100000",
+           "--set", "comm.timeout_s=600"]  # fmt: skip
+    start = time.monotonic()
+    r = run_cmd(cmd, cwd=tmp_path, timeout=120)
+    elapsed = time.monotonic() - start
+    assert r.returncode != 0 and elapsed < 90, (r.returncode, elapsed)  # the abort, not the 600 s timeout
+    assert f"rank {rank}: error:" in r.stderr and "RuntimeError: injected failure at step 5" in r.stderr
+
+
+def test_a_second_signal_exits_at_once(tmp_path):
+    proc = _start_long_run(tmp_path, "twice", "--set", "comm.timeout_s=600")
+    pids = _rank_pids("twice")
+    os.kill(pids[2], signal.SIGSTOP)  # the server cannot finish its step now
+    try:
+        os.kill(pids[0], signal.SIGTERM)
+        time.sleep(1)
+        os.kill(pids[0], signal.SIGTERM)
+        code, out, err, elapsed = _finish(proc, limit_s=60)
+    finally:
+        try:
+            os.kill(pids[2], signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert code != 0 and elapsed < 30, (code, elapsed)
+    assert "signal 15: stopping after this step with a checkpoint" in err
+    assert "second signal (15): exiting at once, without a checkpoint" in err
+    assert not (tmp_path / "runs" / "twice" / "checkpoints").exists()
 
 
 def test_a_silent_client_ends_the_job_within_the_timeout(tmp_path):
@@ -170,4 +204,4 @@ def test_a_silent_client_ends_the_job_within_the_timeout(tmp_path):
         except ProcessLookupError:
             pass
     assert code != 0 and elapsed < 8 + 20, elapsed
-    assert "rank 0: no answer from rank(s) [2] within comm.timeout_s=8 s" in err
+    assert "rank 0: no answer from rank(s) [2] within 8 s (comm.timeout_s=8)" in err

@@ -30,34 +30,30 @@ def _adapter(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "adapter" / "adapter_model.safetensors")
 
 
+EQUIV = ["--set", "train.steps=8", "--set", "train.log_every=1", "--set", "train.aggregate_every=4",
+         "--set", "train.eval_every=4", "--set", "train.warmup_steps=2"]  # fmt: skip
+
+
+def _run(tmp: Path, mode: str, ranks: int | None, *extra: str) -> Path:
+    r = run_cmd(splitlora(*EQUIV, "--set", f"run.mode={mode}", "--set", f"run.out_dir={mode}", *extra, ranks=ranks),
+                cwd=tmp, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    return tmp / mode
+
+
 @pytest.fixture(scope="module")
-def equivalence_runs(tmp_path_factory) -> tuple[Path, Path]:
+def central_run(tmp_path_factory) -> Path:
+    return _run(tmp_path_factory.mktemp("central"), "central", None)
+
+
+@pytest.fixture(scope="module")
+def equivalence_runs(tmp_path_factory, central_run) -> tuple[Path, Path]:
     """The same config twice: 1 server + 1 client over MPI, and the central baseline."""
-    tmp = tmp_path_factory.mktemp("equiv")
-    common = [
-        "--set",
-        "train.steps=8",
-        "--set",
-        "train.log_every=1",
-        "--set",
-        "train.aggregate_every=4",
-        "--set",
-        "train.eval_every=4",
-        "--set",
-        "train.warmup_steps=2",
-    ]
-    split = run_cmd(splitlora(*common, "--set", "run.out_dir=split", ranks=2), cwd=tmp, timeout=300)
-    assert split.returncode == 0, split.stderr[-3000:]
-    central = run_cmd(
-        splitlora(*common, "--set", "run.out_dir=central", "--set", "run.mode=central"), cwd=tmp, timeout=300
-    )
-    assert central.returncode == 0, central.stderr[-3000:]
-    return tmp / "split", tmp / "central"
+    return _run(tmp_path_factory.mktemp("equiv"), "splitlora", 2), central_run
 
 
-def test_split_with_one_client_equals_central(equivalence_runs):
-    split, central = equivalence_runs
-    a, b = _rows(split), _rows(central)
+def _assert_same_training(a_dir: Path, b_dir: Path) -> None:
+    a, b = _rows(a_dir), _rows(b_dir)
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 9))
     for ra, rb in zip(a, b):
         assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-5)
@@ -65,10 +61,45 @@ def test_split_with_one_client_equals_central(equivalence_runs):
         if "val_loss" in rb:
             assert ra["val_loss"] == pytest.approx(rb["val_loss"], rel=1e-5)
     assert a[-1]["train_loss"] != a[0]["train_loss"]
-    wa, wb = _adapter(split), _adapter(central)
+    wa, wb = _adapter(a_dir), _adapter(b_dir)
     assert wa.keys() == wb.keys() and len(wa) > 0
     for k in wa:
         assert torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-7), k
+
+
+def test_split_with_one_client_equals_central(equivalence_runs):
+    _assert_same_training(*equivalence_runs)
+
+
+@pytest.mark.parametrize("mode", ["sl", "fedlora"])
+def test_baselines_with_one_client_equal_central(tmp_path, central_run, mode):
+    """One client: sl has nobody to take turns with, fedlora's average is the client itself."""
+    _assert_same_training(_run(tmp_path, mode, 2), central_run)
+
+
+def test_sl_clients_take_turns(tmp_path):
+    """2 clients, turns of 4 steps: each step's tokens are one client's batch, in turn order."""
+    out = _run(tmp_path, "sl", 3)
+    cfg, s, rows = load_config(out / "config.yaml"), _summary(out), _rows(out)
+    per_step = [r["tokens"] - p["tokens"] for p, r in zip([{"tokens": 0}] + rows, rows)]
+    assert s["tokens_by_client"] == [sum(per_step[0:4]), sum(per_step[4:8])]
+    b, t, h = cfg.train.batch_size, cfg.data.max_seq_len, cfg.model.config["n_embd"]
+    val_rows = len(read_examples(packaged_data_paths()[1], "e2e"))
+    assert s["bytes"]["activations"] == (8 * b + 2 * val_rows) * t * h * 4  # one client per step, one evaluates
+    assert s["bytes"]["gradients"] == 8 * b * t * h * 4
+    assert s["bytes"]["adapters"] > 0  # the handoff after step 4 and the final adapter
+
+
+def test_fedlora_clients_train_the_whole_model(tmp_path, central_run):
+    out = _run(tmp_path, "fedlora", 3)
+    s, whole = _summary(out), _summary(central_run)
+    assert s["client_trainable_params"] == whole["client_trainable_params"] + whole["server_trainable_params"]
+    assert s["server_trainable_params"] == 0
+    assert _adapter(out).keys() == _adapter(central_run).keys()
+    assert s["bytes"]["activations"] == s["bytes"]["gradients"] == s["bytes"]["labels"] == 0
+    # 2 rounds x 3 ranks x one float64 buffer: [w * adapter, w, stop, (loss sum, targets, tokens) x 4 steps]
+    assert s["bytes"]["adapters"] == 2 * 3 * (s["client_trainable_params"] + 2 + 3 * 4) * 8
+    assert sum(s["tokens_by_client"]) == s["tokens"] == _rows(out)[-1]["tokens"]
 
 
 def test_outputs_and_summary_keys(equivalence_runs):

@@ -1,0 +1,187 @@
+"""The FedLoRA baseline: every client trains the whole model with LoRA on its own data,
+exactly as `central` does on all data (same two parts, trainers, sampler stream and loss);
+every `train.aggregate_every` steps one Allreduce over all ranks averages the adapters
+(FedAvg, token-weighted). Rank 0 trains nothing: it adds zeros to the same Allreduce,
+which hands it the average and the round's losses at once; it evaluates and logs.
+
+The Allreduce buffer (float64): [w * adapter ..., w, stop, (loss sum, targets, tokens) per
+step of the round]. A non-finite loss sum reaches every rank in it (exit 2 after the
+round); a signal on any rank stops every rank after the round.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from . import aggregate
+from .central import Central
+from .config import JobConfig, Stopped
+from .data import EncodedData
+from .model import SplitPart
+from .protocol import Transport
+from .training import (
+    Diverged,
+    PartTrainer,
+    evaluate_whole,
+    is_aggregation_step,
+    is_checkpoint_step,
+    is_eval_step,
+)
+
+PER_STEP = 3  # loss sum, target tokens, tokens
+
+
+def round_steps(after: int, cfg: JobConfig) -> list[int]:
+    """The steps of the round that starts after step `after`."""
+    steps = []
+    for step in range(after + 1, cfg.train.steps + 1):
+        steps.append(step)
+        if is_aggregation_step(step, cfg.train):
+            break
+    return steps
+
+
+class _Round:
+    """Reads what the Allreduce summed (the same layout on every rank)."""
+
+    def __init__(self, summed: np.ndarray, numel: int, steps: list[int]):
+        self.sum = summed
+        self.numel = numel
+        self.steps = steps
+
+    def average(self, like: aggregate.State) -> aggregate.State:
+        return aggregate.mean_from_sum(self.sum[: self.numel + 1], like)
+
+    @property
+    def stop(self) -> bool:
+        return bool(self.sum[self.numel + 1] > 0)
+
+    def per_step(self) -> list[tuple[int, float, int]]:
+        """(step, mean loss over all clients' targets, tokens) for each step of the round."""
+        out = []
+        for i, step in enumerate(self.steps):
+            loss_sum, targets, tokens = self.sum[self.numel + 2 + PER_STEP * i : self.numel + 2 + PER_STEP * (i + 1)]
+            out.append((step, float(loss_sum / targets) if targets else float("nan"), int(tokens)))
+        return out
+
+    def check_finite(self) -> None:
+        for step, loss, _ in self.per_step():
+            if not math.isfinite(loss):
+                raise Diverged(step, loss)
+
+
+class FedClient:
+    """One client: local steps on the whole model, then the round's Allreduce."""
+
+    def __init__(self, local: Central, transport: Transport):
+        self.local = local
+        self.cfg = local.cfg
+        self.transport = transport
+        self.tokens_since_average = 0
+
+    def run(self, start: int, on_checkpoint: Callable[[int], None], stop_requested: Callable[[], bool]) -> None:
+        step = start
+        while step < self.cfg.train.steps:
+            steps = round_steps(step, self.cfg)
+            records: list[float] = []
+            diverged = False
+            for step in steps:
+                if diverged:  # nothing more this round; the others learn it from the Allreduce
+                    records += [0.0, 0.0, 0.0]
+                    continue
+                start_time = time.perf_counter()
+                try:
+                    loss, tokens, targets = self.local.train_step(step)
+                except Diverged:
+                    diverged = True
+                    records += [float("nan"), 1.0, 0.0]
+                    continue
+                self.tokens_since_average += tokens
+                records += [loss * targets, float(targets), float(tokens)]
+                self.transport.metrics.step(step, time.perf_counter() - start_time, tokens, loss)
+            state = self.local.adapter_state()
+            w = float(self.tokens_since_average)
+            buf = np.concatenate([aggregate.flatten(state) * w, [w, float(stop_requested())], records])
+            result = _Round(self.transport.allreduce_sum(buf, world=True), buf.size - 2 - len(records), steps)
+            result.check_finite()
+            self.local.load_adapter_state(result.average(state))
+            self.tokens_since_average = 0
+            if result.stop or is_checkpoint_step(step, self.cfg.checkpoint.every):
+                on_checkpoint(step)
+            if result.stop:
+                raise Stopped(step)
+
+    @property
+    def tokens(self) -> int:
+        return self.local.tokens
+
+    def state(self) -> dict[str, Any]:
+        return {"local": self.local.state(), "tokens_since_average": self.tokens_since_average}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.local.load_state(state["local"])
+        self.tokens_since_average = state["tokens_since_average"]
+
+
+class FedServer:
+    """Rank 0: joins each round's Allreduce with zeros, logs its steps, evaluates the average."""
+
+    def __init__(self, cfg: JobConfig, client_part: SplitPart, server_part: SplitPart, val: EncodedData,
+                 transport: Transport):  # fmt: skip
+        self.cfg = cfg
+        self.client_part, self.server_part = client_part, server_part
+        self.schedule = PartTrainer(server_part, cfg.train)  # for the logged learning rate only
+        self.val = val
+        self.transport = transport
+        self.tokens = 0
+
+    def adapter_state(self) -> aggregate.State:
+        return {**self.client_part.adapter_state(), **self.server_part.adapter_state()}
+
+    def run(
+        self,
+        on_step: Callable[[int, float, int, float, float | None], None],
+        start: int,
+        on_checkpoint: Callable[[int], None],
+        stop_requested: Callable[[], bool],
+    ) -> None:
+        step = start
+        while step < self.cfg.train.steps:
+            steps = round_steps(step, self.cfg)
+            state = self.adapter_state()
+            numel = sum(t.numel() for t in state.values())
+            buf = np.zeros(numel + 2 + PER_STEP * len(steps))
+            buf[numel + 1] = float(stop_requested())
+            round_start = time.perf_counter()
+            result = _Round(self.transport.allreduce_sum(buf, world=True), numel, steps)
+            seconds = (time.perf_counter() - round_start) / len(steps)  # the round, seen from rank 0
+            result.check_finite()
+            for part in (self.client_part, self.server_part):
+                average = result.average(state)
+                part.load_adapter_state({k: average[k] for k in part.adapter_state()})
+            for step, loss, tokens in result.per_step():
+                self.tokens += tokens
+                self.transport.metrics.step(step, seconds, tokens, loss)
+                val = None
+                if is_eval_step(step, self.cfg.train):
+                    val = evaluate_whole(self.client_part, self.server_part, self.val, self.cfg.train.batch_size)
+                    self.transport.metrics.val_loss(val)
+                on_step(step, loss, tokens, self.schedule.lr_at(step), val)
+            if result.stop or is_checkpoint_step(step, self.cfg.checkpoint.every):
+                on_checkpoint(step)
+            if result.stop:
+                raise Stopped(step)
+
+    def state(self) -> dict[str, Any]:
+        return {"adapter": {k: v.detach().cpu().clone() for k, v in self.adapter_state().items()},
+                "tokens": self.tokens}  # fmt: skip
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        for part in (self.client_part, self.server_part):
+            part.load_adapter_state({k: state["adapter"][k] for k in part.adapter_state()})
+        self.tokens = state["tokens"]
