@@ -58,6 +58,7 @@ class Client:
         self.val = val
         self.index = index
         self.num_clients = num_clients
+        self.other_clients = [c + 1 for c in range(num_clients) if c != index]  # ranks
         self.val_rows = shard(len(val), 1, 0) if cfg.run.mode == "sl" else shard(len(val), num_clients, index)
         self.transport = transport
         self.wire_dtype = getattr(torch, cfg.comm.activation_dtype)
@@ -113,14 +114,13 @@ class Client:
     def _hand_off(self, step: int, end: str | None) -> None:
         """End of a turn: the client model to the next client, or the end of training to all others.
         The server learns the size, so its per-step byte counts include the handoff."""
-        others = [c + 1 for c in range(self.num_clients) if c != self.index]
         if end is None:
             nxt = sl_owner(step + 1, self.cfg.train, self.num_clients) + 1
             state = {"trainer": self.trainer.state(), "torch_rng": torch.get_rng_state()}
             sent = self.transport.send_object(nxt, HANDOFF, {"step": step, "end": None, "state": state}, "adapters")
             self.transport.send_object(SERVER, HANDOFF, sent)
         else:
-            for c in others:
+            for c in self.other_clients:
                 self.transport.send_object(c, HANDOFF, {"step": step, "end": end, "state": None})
 
     def _wait_for_turn(self, step: int) -> int:
@@ -129,8 +129,7 @@ class Client:
         t = self.cfg.train
         mine = (s for s in range(step + 1, t.steps + 1) if sl_owner(s, t, self.num_clients) == self.index)
         wait = next(mine, t.steps + 1) - step  # (no turn left: wait for the end of training)
-        others = [c + 1 for c in range(self.num_clients) if c != self.index]
-        _, msg = self.transport.recv_any(others, HANDOFF, self.transport.timeout_s * (wait + 1),
+        _, msg = self.transport.recv_any(self.other_clients, HANDOFF, self.transport.timeout_s * (wait + 1),
                                          lambda m: "adapters" if m["state"] else "control")  # fmt: skip
         if msg["end"] == "done":
             return t.steps

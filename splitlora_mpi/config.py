@@ -38,6 +38,17 @@ class Stopped(Exception):
         self.step = step
 
 
+def local_or_hub(spec: str) -> str:
+    """A hub id as given, or a local path expanded. A path that is no directory raises
+    FileNotFoundError: the hub client would call it a malformed repo id."""
+    if not spec.startswith(("/", ".", "~")):
+        return spec
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError("no such directory")
+    return str(path)
+
+
 def _f(default: Any, help: str, **bounds: float) -> Any:
     """A dataclass field with help text and optional bounds (`min`, `max`, `gt`, `lt`)."""
     if isinstance(default, (dict, list)):

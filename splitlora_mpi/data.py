@@ -17,7 +17,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .config import ConfigError
+from .config import ConfigError, local_or_hub
 
 IGNORE = -100
 
@@ -69,14 +69,9 @@ def load_tokenizer(spec: str) -> Tokenizer:
     if spec == "byte":
         return ByteTokenizer()
     try:
-        source = spec
-        if spec.startswith(("/", ".", "~")):  # a path: say so plainly (the hub client would call it a bad repo id)
-            source = str(Path(spec).expanduser())
-            if not Path(source).is_dir():
-                raise FileNotFoundError("no such directory")
         from transformers import AutoTokenizer
 
-        return HFTokenizer(AutoTokenizer.from_pretrained(source))
+        return HFTokenizer(AutoTokenizer.from_pretrained(local_or_hub(spec)))
     except Exception as e:  # transformers / tokenizers raise many types; all mean "cannot load"
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(

@@ -28,7 +28,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.masking_utils import create_causal_mask
 
-from .config import ConfigError, JobConfig
+from .config import ConfigError, JobConfig, local_or_hub
 
 Role = Literal["client", "server", "full"]
 log = logging.getLogger(__name__)
@@ -61,9 +61,12 @@ def hf_config(cfg: JobConfig, vocab_size: int, eos_id: int, pad_id: int) -> Pret
     """The HF config of the base model: from `model.name_or_path`, else from `model.config`."""
     if cfg.model.name_or_path is not None:
         try:
-            return AutoConfig.from_pretrained(cfg.model.name_or_path)
+            return AutoConfig.from_pretrained(local_or_hub(cfg.model.name_or_path))
         except (OSError, ValueError) as e:
-            raise ConfigError(f"model.name_or_path: cannot load config of '{cfg.model.name_or_path}': {e}") from None
+            raise ConfigError(
+                f"config key 'model.name_or_path': cannot load '{cfg.model.name_or_path}': {e}; "
+                "expected a hub id or a model directory"
+            ) from None
     kwargs = dict(cfg.model.config)
     model_type = kwargs.pop("model_type")
     kwargs.setdefault("vocab_size", vocab_size)
@@ -73,7 +76,7 @@ def hf_config(cfg: JobConfig, vocab_size: int, eos_id: int, pad_id: int) -> Pret
     try:
         return AutoConfig.for_model(model_type, **kwargs)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"model.config: {e}") from None
+        raise ConfigError(f"config key 'model.config': {e}") from None
 
 
 def num_blocks(config: PretrainedConfig) -> int:
@@ -164,7 +167,7 @@ def _load_tensors(lm: PreTrainedModel, name_or_path: str, tied: bool) -> None:
         if key not in key_to_file:
             if tied and head is not None and tensor is head.weight:
                 continue
-            raise ConfigError(f"model.name_or_path: tensor '{name}' not found in {name_or_path}")
+            raise ConfigError(f"config key 'model.name_or_path': tensor '{name}' not found in {name_or_path}")
         with safe_open(str(key_to_file[key]), "pt", device=str(tensor.device)) as sf:
             with torch.no_grad():
                 tensor.copy_(sf.get_tensor(key))
@@ -178,14 +181,14 @@ def _safetensors_files(name_or_path: str) -> list[Path]:
         try:
             path = Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors"]))
         except Exception as e:  # noqa: BLE001 - any hub failure is a bad model argument here
-            raise ConfigError(f"model.name_or_path: cannot fetch '{name_or_path}': {e}") from None
+            raise ConfigError(f"config key 'model.name_or_path': cannot fetch '{name_or_path}': {e}") from None
     index = path / "model.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         return [path / s for s in shards]
     if (path / "model.safetensors").is_file():
         return [path / "model.safetensors"]
-    raise ConfigError(f"model.name_or_path: no model.safetensors in {path}")
+    raise ConfigError(f"config key 'model.name_or_path': no model.safetensors in {path}")
 
 
 # ---------------------------------------------------------------- one side with LoRA

@@ -63,7 +63,7 @@ EXPECTED = {
     "jsonl without val_path": "config key 'data.val_path'",
     "fewer examples than clients": "1 examples for 2 clients",
     "missing tokenizer dir": "config key 'model.tokenizer'",
-    "missing model dir": "model.name_or_path",
+    "missing model dir": "config key 'model.name_or_path': cannot load",
     "unwritable out_dir": "config key 'run.out_dir': cannot write",
     "client_layers not below blocks": "config key 'split.client_layers': expected 1..3",
     "max_seq_len above positions": "config key 'data.max_seq_len': expected ≤ 128",
