@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from . import aggregate
+from .compress import decode, encode, wire_parts
 from .config import JobConfig, Stopped
 from .data import Batch, EncodedData, Sampler, make_batch, shard
 from .model import SplitPart
@@ -61,7 +62,7 @@ class Client:
         self.other_clients = [c + 1 for c in range(num_clients) if c != index]  # ranks
         self.val_rows = shard(len(val), 1, 0) if cfg.run.mode == "sl" else shard(len(val), num_clients, index)
         self.transport = transport
-        self.wire_dtype = getattr(torch, cfg.comm.activation_dtype)
+        self.wire = cfg.comm.activation_dtype
         self.device = next(part.parameters()).device
         self.tokens = 0
         self.tokens_since_average = 0
@@ -163,18 +164,14 @@ class Client:
         start = time.perf_counter()
         batch = make_batch(self.train, self.sampler.next_indices()).to(self.device)
         h = self.part(batch.input_ids, batch.attention_mask)
-        self.transport.send_tensors(
-            TRAIN,
-            step,
-            {SERVER: [(h.to(self.wire_dtype), "activations"), (side_channel(batch), "labels")]},
-            STOP if ask_to_stop else CONTINUE,
-        )
-        reply = self.transport.recv_tensors([SERVER], TRAIN, ["gradients"])[SERVER][0]
+        self.transport.send_tensors(TRAIN, step, {SERVER: self._upload(h, batch)}, STOP if ask_to_stop else CONTINUE)
+        replies = self.transport.recv_tensors([SERVER], TRAIN, ["gradients"] * wire_parts(self.wire))[SERVER]
+        reply = replies[0]
         if reply.step != step:
             raise RuntimeError(f"rank {self.transport.rank}: gradient for step {reply.step} arrived at step {step}")
         if reply.flag == DIVERGED:  # the server reports it (exit 2); stop before updating anything
             raise Diverged(step, float("nan"))
-        h.backward(reply.tensor.to(h.dtype))
+        h.backward(decode([r.tensor for r in replies], h.dtype))
         self.trainer.step()
         self.tokens += batch.tokens
         self.tokens_since_average += batch.tokens
@@ -194,6 +191,8 @@ class Client:
         for start in range(0, len(self.val_rows), b):
             batch = make_batch(self.val, self.val_rows[start : start + b]).to(self.device)
             h = self.part(batch.input_ids, batch.attention_mask)
-            self.transport.send_tensors(
-                EVAL, step, {SERVER: [(h.to(self.wire_dtype), "activations"), (side_channel(batch), "labels")]}
-            )
+            self.transport.send_tensors(EVAL, step, {SERVER: self._upload(h, batch)})
+
+    def _upload(self, h: torch.Tensor, batch: Batch) -> list[tuple[torch.Tensor, str]]:
+        """The cut-layer activations in the wire format, then the mask and labels."""
+        return [(t, "activations") for t in encode(h, self.wire)] + [(side_channel(batch), "labels")]

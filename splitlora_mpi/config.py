@@ -127,8 +127,8 @@ class TrainConfig:
 
 @dataclass
 class CommConfig:
-    activation_dtype: Literal["float32", "bfloat16", "float16"] = _f(
-        "float32", "wire dtype of activations and gradients"
+    activation_dtype: Literal["float32", "bfloat16", "float16", "int8"] = _f(
+        "float32", "wire format of activations and gradients (int8: per-token absmax scaling)"
     )
     timeout_s: float = _f(300.0, "longest wait for any peer before the job is aborted", gt=0)
 

@@ -25,7 +25,7 @@ from .metrics import Metrics
 
 SERVER = 0
 HEADER_LEN = 8
-DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.int64]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.int64, torch.int8]  # codes: append only
 
 # header[7]: on an upload, the client asks to stop (it got SIGTERM/SIGINT); on a gradient
 # reply, what every client does after this step

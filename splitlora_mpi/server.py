@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .compress import decode, encode, wire_parts
 from .config import JobConfig, Stopped
 from .data import shard
 from .model import SplitPart
@@ -28,8 +29,6 @@ from .training import (
     sl_owner,
 )
 
-KINDS_UP = ["activations", "labels"]
-
 
 class Server:
     def __init__(self, cfg: JobConfig, part: SplitPart, transport: Transport, clients: list[int], val_rows: int):
@@ -39,7 +38,8 @@ class Server:
         self.transport = transport
         self.clients = sorted(clients)
         self.val_rows = val_rows
-        self.wire_dtype = getattr(torch, cfg.comm.activation_dtype)
+        self.wire = cfg.comm.activation_dtype
+        self.kinds_up = ["activations"] * wire_parts(self.wire) + ["labels"]
         self.compute_dtype = getattr(torch, cfg.model.dtype)
         self.device = next(part.parameters()).device
         self.tokens = 0
@@ -88,12 +88,12 @@ class Server:
         return self.clients
 
     def _batch(self, uploads: dict[int, list[Message]], step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        for rank, (acts, _) in uploads.items():
-            if acts.step != step:
-                raise RuntimeError(f"rank 0: rank {rank} sent activations of step {acts.step} during step {step}")
+        for rank, msgs in uploads.items():
+            if msgs[0].step != step:
+                raise RuntimeError(f"rank 0: rank {rank} sent activations of step {msgs[0].step} during step {step}")
         order = sorted(uploads)
-        h = torch.cat([uploads[r][0].tensor for r in order]).to(self.device, self.compute_dtype)
-        side = torch.cat([uploads[r][1].tensor for r in order], dim=1).to(self.device).long()
+        h = torch.cat([decode([m.tensor for m in uploads[r][:-1]], self.compute_dtype) for r in order]).to(self.device)
+        side = torch.cat([uploads[r][-1].tensor for r in order], dim=1).to(self.device).long()
         return h, side[0], side[1]
 
     def train_step(self, step: int, stop_requested: bool = False) -> tuple[float, int, bool]:
@@ -102,7 +102,7 @@ class Server:
         if step > self.start + 1 and active != self.active(step - 1):  # sl: a turn ended
             previous = self.active(step - 1)[0]
             self.handoff_bytes += self.transport.recv_objects([previous], HANDOFF)[previous]
-        uploads = self.transport.recv_tensors(active, TRAIN, KINDS_UP)
+        uploads = self.transport.recv_tensors(active, TRAIN, self.kinds_up)
         stopping = stop_requested or any(msgs[0].flag == STOP for msgs in uploads.values())
         h, mask, labels = self._batch(uploads, step)
         sizes = [uploads[r][0].tensor.shape[0] for r in sorted(uploads)]
@@ -118,7 +118,7 @@ class Server:
         return loss, tokens, stopping
 
     def _reply(self, step: int, grads: tuple[torch.Tensor, ...], flag: int) -> None:
-        wire = {rank: [(g.to(self.wire_dtype), "gradients")] for rank, g in zip(sorted(self.active(step)), grads)}
+        wire = {rank: [(t, "gradients") for t in encode(g, self.wire)] for rank, g in zip(self.active(step), grads)}
         self.transport.send_tensors(TRAIN, step, wire, flag)
 
     def evaluate(self, step: int) -> float:
@@ -129,7 +129,7 @@ class Server:
         total, count = 0.0, 0
         for r in range(max(batches.values())):
             senders = [c for c in active if batches[c] > r]
-            h, mask, labels = self._batch(self.transport.recv_tensors(senders, EVAL, KINDS_UP), step)
+            h, mask, labels = self._batch(self.transport.recv_tensors(senders, EVAL, self.kinds_up), step)
             loss_sum, n = eval_loss_sum(self.part, h, mask, labels)
             total, count = total + loss_sum, count + n
         self.transport.metrics.val_loss(total / count)

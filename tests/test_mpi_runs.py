@@ -102,6 +102,23 @@ def test_fedlora_clients_train_the_whole_model(tmp_path, central_run):
     assert sum(s["tokens_by_client"]) == s["tokens"] == _rows(out)[-1]["tokens"]
 
 
+@pytest.fixture(scope="module")
+def wire_runs(tmp_path_factory) -> dict[str, Path]:
+    """The same 2-client run with each wire format of activations and gradients."""
+    return {w: _run(tmp_path_factory.mktemp(w), "splitlora", 3, "--set", f"comm.activation_dtype={w}")
+            for w in ("float32", "bfloat16", "int8")}  # fmt: skip
+
+
+@pytest.mark.parametrize("wire, most", [("bfloat16", 0.51), ("int8", 0.27)])
+def test_compressed_activations_cut_the_bytes_not_the_loss(wire_runs, wire, most):
+    plain, small = _summary(wire_runs["float32"]), _summary(wire_runs[wire])
+    for kind in ("activations", "gradients"):
+        assert small["bytes"][kind] <= most * plain["bytes"][kind], kind
+    assert small["bytes"]["labels"] == plain["bytes"]["labels"]
+    assert small["final_val_loss"] == pytest.approx(plain["final_val_loss"], rel=0.02)
+    assert small["final_val_loss"] != plain["final_val_loss"]  # the wire format did change what was computed
+
+
 def test_outputs_and_summary_keys(equivalence_runs):
     split, _ = equivalence_runs
     for name in (
