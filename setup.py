@@ -6,6 +6,9 @@ from setuptools import find_packages, setup
 # python -m splitlora_mpi.evaluate / .plot (E2E scores, convergence figures)
 EVAL = [
     "matplotlib>=3.8",
+    "sacrebleu>=2.3",  # BLEU as mteval-v13a, and its 13a tokenizer for NIST
+    "nltk>=3.9",  # Treebank tokenizer + METEOR (exact+stem) when Java is missing
+    "pycocoevalcap>=1.2",  # ROUGE_L, CIDEr, and METEOR 1.5 / PTB tokenizer jars (need Java), as e2e-metrics
 ]
 
 version = re.search(r'__version__ = "([^"]+)"', Path("splitlora_mpi/__init__.py").read_text()).group(1)
