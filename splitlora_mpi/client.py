@@ -22,6 +22,7 @@ from .compress import decode, encode, wire_parts
 from .config import JobConfig, Stopped
 from .data import Batch, EncodedData, Sampler, make_batch, shard
 from .model import SplitPart
+from .privacy import privatize
 from .protocol import CONTINUE, DIVERGED, EVAL, HANDOFF, SERVER, STOP, TRAIN, Transport
 from .training import (
     Diverged,
@@ -163,7 +164,7 @@ class Client:
         """One step; True when the server says every rank stops after it."""
         start = time.perf_counter()
         batch = make_batch(self.train, self.sampler.next_indices()).to(self.device)
-        h = self.part(batch.input_ids, batch.attention_mask)
+        h = self._cut(batch)
         self.transport.send_tensors(TRAIN, step, {SERVER: self._upload(h, batch)}, STOP if ask_to_stop else CONTINUE)
         replies = self.transport.recv_tensors([SERVER], TRAIN, ["gradients"] * wire_parts(self.wire))[SERVER]
         reply = replies[0]
@@ -190,8 +191,12 @@ class Client:
         b = self.cfg.train.batch_size
         for start in range(0, len(self.val_rows), b):
             batch = make_batch(self.val, self.val_rows[start : start + b]).to(self.device)
-            h = self.part(batch.input_ids, batch.attention_mask)
-            self.transport.send_tensors(EVAL, step, {SERVER: self._upload(h, batch)})
+            self.transport.send_tensors(EVAL, step, {SERVER: self._upload(self._cut(batch), batch)})
+
+    def _cut(self, batch: Batch) -> torch.Tensor:
+        """What leaves this client: its part's output, clipped and noised when privacy is on."""
+        p = self.cfg.privacy
+        return privatize(self.part(batch.input_ids, batch.attention_mask), p.clip, p.noise_multiplier)
 
     def _upload(self, h: torch.Tensor, batch: Batch) -> list[tuple[torch.Tensor, str]]:
         """The cut-layer activations in the wire format, then the mask and labels."""

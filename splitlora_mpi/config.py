@@ -143,6 +143,12 @@ class MetricsConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    clip: float = _f(0.0, "bound on each example's cut-layer activation L2 norm (0 = off)", min=0)
+    noise_multiplier: float = _f(0.0, "Gaussian noise std per coordinate, in units of clip", min=0)
+
+
+@dataclass
 class CheckpointConfig:
     every: int = _f(0, "steps between checkpoints (0 = none)", min=0)
     keep: int = _f(2, "newest checkpoints to keep", min=1)
@@ -159,6 +165,7 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     comm: CommConfig = field(default_factory=CommConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     @property
@@ -177,7 +184,7 @@ class JobConfig:
         from . import __version__
 
         keep = ("model.", "split.", "lora.", "comm.activation_dtype", "train.", "data.max_seq_len", "run.seed",
-                "run.mode")  # fmt: skip
+                "run.mode", "privacy.")  # fmt: skip
         return {"version": __version__, **{k: v for k, v in _flatten(self.to_dict()).items() if k.startswith(keep)}}
 
 
@@ -344,6 +351,15 @@ def _check_cross_fields(cfg: JobConfig) -> None:
                 f"config key 'model.config.model_type': expected one of {', '.join(MODEL_FAMILIES)}, got {model_type!r}"
             )
     t = cfg.train
+    if cfg.privacy.clip and cfg.run.mode not in ("splitlora", "sl"):
+        raise ConfigError(
+            f"config key 'privacy.clip': privacy protects cut-layer activations, which run.mode {cfg.run.mode} "
+            "does not send; expected 0 or run.mode splitlora / sl"
+        )
+    if cfg.privacy.noise_multiplier and not cfg.privacy.clip:
+        raise ConfigError(
+            "config key 'privacy.noise_multiplier': the noise is in units of privacy.clip; expected privacy.clip > 0"
+        )
     every = cfg.checkpoint.every
     if cfg.run.mode == "fedlora" and every and every % t.aggregate_every:
         raise ConfigError(

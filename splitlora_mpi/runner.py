@@ -319,6 +319,10 @@ def _run_server(cfg: JobConfig, transport: Transport) -> None:
         f"{cfg.train.steps} steps",
         flush=True,
     )
+    if cfg.privacy.clip:
+        p = cfg.privacy
+        print(f"server: clients clip each example's activations to L2 norm {p.clip:g} and add Gaussian noise "
+              f"of std {p.clip * p.noise_multiplier:g} per coordinate", flush=True)  # fmt: skip
     if cfg.run.mode == "fedlora":
         role: Any = FedServer(cfg, client_part, part, val, transport)
     else:
@@ -404,6 +408,7 @@ def _summary(cfg: JobConfig, log: RunLog, **facts: Any) -> dict[str, Any]:
         "tokens_per_s": log.tokens / wall,
         "final_train_loss": log.last_train_loss,
         "final_val_loss": log.last_val_loss,
+        "privacy": {"clip": cfg.privacy.clip, "noise_std": cfg.privacy.clip * cfg.privacy.noise_multiplier},
         **facts,
     }
 

@@ -119,6 +119,17 @@ def test_compressed_activations_cut_the_bytes_not_the_loss(wire_runs, wire, most
     assert small["final_val_loss"] != plain["final_val_loss"]  # the wire format did change what was computed
 
 
+def test_private_activations_change_training_not_the_wire(tmp_path, wire_runs):
+    """Clip + noise on the clients: the same bytes, another (noisier) model; the scale is reported."""
+    out = _run(tmp_path, "splitlora", 3, "--set", "privacy.clip=0.5", "--set", "privacy.noise_multiplier=0.1")
+    s, plain = _summary(out), _summary(wire_runs["float32"])
+    assert s["privacy"] == {"clip": 0.5, "noise_std": pytest.approx(0.05)}
+    assert s["bytes"]["activations"] == plain["bytes"]["activations"]
+    assert s["final_val_loss"] != plain["final_val_loss"] and s["final_val_loss"] == pytest.approx(
+        plain["final_val_loss"], rel=0.2
+    )
+
+
 def test_outputs_and_summary_keys(equivalence_runs):
     split, _ = equivalence_runs
     for name in (
