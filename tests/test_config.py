@@ -111,3 +111,9 @@ def test_readme_documents_every_key():
     flat = [f"`{section}.{key}`" for section, keys in JobConfig().to_dict().items() for key in keys]
     missing = [k for k in flat if k not in readme]
     assert not missing, missing
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (Path(__file__).parents[1] / "configs").glob("*.yaml")))
+def test_every_preset_loads(preset):
+    cfg = load_config(Path(__file__).parents[1] / "configs" / preset)
+    assert cfg.train.steps > 0
