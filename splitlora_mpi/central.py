@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 
-from .config import JobConfig, Stopped
+from .config import JobConfig
 from .data import EncodedData, Sampler, make_batch
 from .metrics import Metrics
 from .model import SplitPart
-from .training import PartTrainer, evaluate_whole, is_checkpoint_step, is_eval_step, server_update
+from .training import PartTrainer, checkpoint_or_stop, evaluate_whole, is_eval_step, server_update
 
 
 class Central:
@@ -61,10 +61,7 @@ class Central:
                 self.metrics.val_loss(val)
             on_step(step, loss, tokens, lr, val)
             stopping = stop_requested()
-            if stopping or is_checkpoint_step(step, self.cfg.checkpoint.every):
-                on_checkpoint(step)
-            if stopping:
-                raise Stopped(step)
+            checkpoint_or_stop(step, self.cfg.checkpoint.every, stopping, on_checkpoint)
 
     def state(self) -> dict[str, Any]:
         return {

@@ -27,6 +27,7 @@ from .protocol import CONTINUE, DIVERGED, EVAL, HANDOFF, SERVER, STOP, TRAIN, Tr
 from .training import (
     Diverged,
     PartTrainer,
+    checkpoint_or_stop,
     is_aggregation_step,
     is_checkpoint_step,
     is_eval_step,
@@ -80,10 +81,7 @@ class Client:
                 self.average()
             if is_eval_step(step, t):
                 self.evaluate(step)
-            if stopping or is_checkpoint_step(step, self.cfg.checkpoint.every):
-                on_checkpoint(step)
-            if stopping:
-                raise Stopped(step)
+            checkpoint_or_stop(step, self.cfg.checkpoint.every, stopping, on_checkpoint)
 
     def run_turns(self, start: int, on_checkpoint: Callable[[int], None], stop_requested: Callable[[], bool]) -> None:
         """sl mode: train in this client's turns; in between, wait for the handoff of the client

@@ -20,16 +20,16 @@ import numpy as np
 
 from . import aggregate
 from .central import Central
-from .config import JobConfig, Stopped
+from .config import JobConfig
 from .data import EncodedData
 from .model import SplitPart
 from .protocol import Transport
 from .training import (
     Diverged,
     PartTrainer,
+    checkpoint_or_stop,
     evaluate_whole,
     is_aggregation_step,
-    is_checkpoint_step,
     is_eval_step,
 )
 
@@ -111,10 +111,7 @@ class FedClient:
             result.check_finite()
             self.local.load_adapter_state(result.average(state))
             self.tokens_since_average = 0
-            if result.stop or is_checkpoint_step(step, self.cfg.checkpoint.every):
-                on_checkpoint(step)
-            if result.stop:
-                raise Stopped(step)
+            checkpoint_or_stop(step, self.cfg.checkpoint.every, result.stop, on_checkpoint)
 
     @property
     def tokens(self) -> int:
@@ -172,10 +169,7 @@ class FedServer:
                     val = evaluate_whole(self.client_part, self.server_part, self.val, self.cfg.train.batch_size)
                     self.transport.metrics.val_loss(val)
                 on_step(step, loss, tokens, self.schedule.lr_at(step), val)
-            if result.stop or is_checkpoint_step(step, self.cfg.checkpoint.every):
-                on_checkpoint(step)
-            if result.stop:
-                raise Stopped(step)
+            checkpoint_or_stop(step, self.cfg.checkpoint.every, result.stop, on_checkpoint)
 
     def state(self) -> dict[str, Any]:
         return {"adapter": {k: v.detach().cpu().clone() for k, v in self.adapter_state().items()},

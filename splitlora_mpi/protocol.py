@@ -84,16 +84,17 @@ class Transport:
         what: str,
         timeout_s: float | None = None,
     ) -> None:
-        """Call `done()` until it is true: a short spin, then 1 ms sleeps, up to comm.timeout_s
+        """Call `done()` until it is true: a short spin, then sleeps growing to 1 ms, up to comm.timeout_s
         (or `timeout_s` for a wait known to span several steps)."""
         start = time.perf_counter()
         timeout_s = timeout_s or self.timeout_s
         deadline = time.monotonic() + timeout_s
-        spins = 0
+        spins, nap = 0, 1e-5
         while not done():
             spins += 1
-            if spins > 50:
-                time.sleep(0.001)
+            if spins > 50:  # then sleep, 10 us doubling to 1 ms: prompt for quick replies, idle for slow ones
+                time.sleep(nap)
+                nap = min(2 * nap, 0.001)
             if time.monotonic() > deadline:
                 raise CommTimeout(
                     f"rank {self.rank}: no answer from rank(s) {sorted(set(pending()))} within "

@@ -15,15 +15,15 @@ from typing import Any
 import torch
 
 from .compress import decode, encode, wire_parts
-from .config import JobConfig, Stopped
+from .config import JobConfig
 from .data import shard
 from .model import SplitPart
 from .protocol import CONTINUE, DIVERGED, EVAL, HANDOFF, STOP, TRAIN, Message, Transport
 from .training import (
     Diverged,
     PartTrainer,
+    checkpoint_or_stop,
     eval_loss_sum,
-    is_checkpoint_step,
     is_eval_step,
     server_update,
     sl_owner,
@@ -62,10 +62,7 @@ class Server:
             loss, tokens, stopping = self.train_step(step, stop_requested())
             val = self.evaluate(step) if is_eval_step(step, t) else None
             on_step(step, loss, tokens, lr, val)
-            if stopping or is_checkpoint_step(step, self.cfg.checkpoint.every):
-                on_checkpoint(step)
-            if stopping:
-                raise Stopped(step)
+            checkpoint_or_stop(step, self.cfg.checkpoint.every, stopping, on_checkpoint)
 
     def state(self) -> dict[str, Any]:
         return {

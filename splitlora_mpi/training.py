@@ -6,11 +6,13 @@ split run only by the wire in the middle.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from transformers import get_linear_schedule_with_warmup
 
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, Stopped, TrainConfig
 from .data import EncodedData, make_batch
 from .model import SplitPart
 
@@ -133,6 +135,15 @@ def aggregations_until(step: int, cfg: TrainConfig) -> int:
 
 def is_checkpoint_step(step: int, every: int) -> bool:
     return every > 0 and step % every == 0
+
+
+def checkpoint_or_stop(step: int, every: int, stopping: bool, on_checkpoint: Callable[[int], None]) -> None:
+    """End of a step on every rank alike: a checkpoint when due or when a signal stops the
+    job, then `Stopped` (exit 143) in the latter case."""
+    if stopping or is_checkpoint_step(step, every):
+        on_checkpoint(step)
+    if stopping:
+        raise Stopped(step)
 
 
 def is_eval_step(step: int, cfg: TrainConfig) -> bool:
