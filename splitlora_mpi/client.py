@@ -23,7 +23,7 @@ from .config import JobConfig, Stopped
 from .data import Batch, EncodedData, Sampler, make_batch, shard
 from .model import SplitPart
 from .privacy import privatize
-from .protocol import CONTINUE, DIVERGED, EVAL, HANDOFF, SERVER, STOP, TRAIN, Transport
+from .protocol import CONTINUE, DIVERGED, EVAL, EVAL_TAIL, HANDOFF, SERVER, STOP, TAIL, TRAIN, Message, Transport
 from .training import (
     Diverged,
     PartTrainer,
@@ -31,6 +31,7 @@ from .training import (
     is_aggregation_step,
     is_checkpoint_step,
     is_eval_step,
+    lm_loss_sum,
     sl_owner,
     sl_steps_owned,
 )
@@ -65,6 +66,8 @@ class Client:
         self.val_rows = shard(len(val), 1, 0) if cfg.run.mode == "sl" else shard(len(val), num_clients, index)
         self.transport = transport
         self.wire = cfg.comm.activation_dtype
+        self.label_private = cfg.split.label_private
+        self.compute_dtype = getattr(torch, cfg.model.dtype)
         self.device = next(part.parameters()).device
         self.tokens = 0
         self.tokens_since_average = 0
@@ -164,18 +167,33 @@ class Client:
         batch = make_batch(self.train, self.sampler.next_indices()).to(self.device)
         h = self._cut(batch)
         self.transport.send_tensors(TRAIN, step, {SERVER: self._upload(h, batch)}, STOP if ask_to_stop else CONTINUE)
+        if self.label_private:
+            self._tail_step(step, batch)
         replies = self.transport.recv_tensors([SERVER], TRAIN, ["gradients"] * wire_parts(self.wire))[SERVER]
         reply = replies[0]
         if reply.step != step:
             raise RuntimeError(f"rank {self.transport.rank}: gradient for step {reply.step} arrived at step {step}")
         if reply.flag == DIVERGED:  # the server reports it (exit 2); stop before updating anything
             raise Diverged(step, float("nan"))
-        h.backward(decode([r.tensor for r in replies], h.dtype))
+        h.backward(decode([r.tensor for r in replies], h.dtype).to(self.device))
         self.trainer.step()
         self.tokens += batch.tokens
         self.tokens_since_average += batch.tokens
         self.transport.metrics.step(step, time.perf_counter() - start, batch.tokens)
         return reply.flag == STOP
+
+    def _tail_step(self, step: int, batch: Batch) -> None:
+        """Label privacy: the loss on this client's tail over the server's output; its gradient
+        (and the loss sum, for the server's log) go back. The tail's weights change with the
+        rest of the part once the server has accepted the step's loss."""
+        msgs = self.transport.recv_tensors([SERVER], TAIL, ["activations"] * wire_parts(self.wire) + ["control"])
+        out = self._decoded(msgs[SERVER][:-1]).requires_grad_()
+        loss_sum, _ = lm_loss_sum(
+            self.part.tail(out, batch.attention_mask), batch.labels, self.cfg.train.label_smoothing
+        )
+        (loss_sum / int(msgs[SERVER][-1].tensor)).backward()
+        back = self._encoded(out.grad, "gradients") + [(loss_sum.detach().double().reshape(1), "control")]
+        self.transport.send_tensors(TAIL, step, {SERVER: back})
 
     def average(self) -> None:
         """Token-weighted FedAvg of the client adapters (one Allreduce)."""
@@ -190,6 +208,13 @@ class Client:
         for start in range(0, len(self.val_rows), b):
             batch = make_batch(self.val, self.val_rows[start : start + b]).to(self.device)
             self.transport.send_tensors(EVAL, step, {SERVER: self._upload(self._cut(batch), batch)})
+            if self.label_private:  # score the server's output here; only (loss sum, targets) leave
+                out = self._decoded(
+                    self.transport.recv_tensors([SERVER], EVAL_TAIL, ["activations"] * wire_parts(self.wire))[SERVER]
+                )
+                loss_sum, n = lm_loss_sum(self.part.tail(out, batch.attention_mask), batch.labels)
+                sums = torch.tensor([float(loss_sum), n], dtype=torch.float64)
+                self.transport.send_tensors(EVAL_TAIL, step, {SERVER: [(sums, "control")]})
 
     def _cut(self, batch: Batch) -> torch.Tensor:
         """What leaves this client: its part's output, clipped and noised when privacy is on."""
@@ -197,5 +222,18 @@ class Client:
         return privatize(self.part(batch.input_ids, batch.attention_mask), p.clip, p.noise_multiplier)
 
     def _upload(self, h: torch.Tensor, batch: Batch) -> list[tuple[torch.Tensor, str]]:
-        """The cut-layer activations in the wire format, then the mask and labels."""
-        return [(t, "activations") for t in encode(h, self.wire)] + [(side_channel(batch), "labels")]
+        """The cut-layer activations in the wire format, then the mask and labels (label
+        privacy: the mask and the number of target tokens)."""
+        if self.label_private:
+            mask = batch.attention_mask.to(torch.int32).unsqueeze(0)
+            return self._encoded(h, "activations") + [
+                (mask, "control"),
+                (torch.tensor([batch.target_tokens]), "control"),
+            ]
+        return self._encoded(h, "activations") + [(side_channel(batch), "labels")]
+
+    def _encoded(self, t: torch.Tensor, kind: str) -> list[tuple[torch.Tensor, str]]:
+        return [(x, kind) for x in encode(t, self.wire)]
+
+    def _decoded(self, msgs: list[Message]) -> torch.Tensor:
+        return decode([m.tensor for m in msgs], self.compute_dtype).to(self.device)

@@ -90,7 +90,21 @@ class ModelConfig:
 
 @dataclass
 class SplitConfig:
-    client_layers: int = _f(1, "transformer blocks held by each client (the cut layer)", min=1)
+    client_layers: int | list[int] = _f(
+        1, "transformer blocks held by each client (the cut layer); a list: one value per client", min=1
+    )
+    label_private: bool = _f(
+        False, "U-shaped split: each client also holds the final norm and LM head; labels and logits never leave it"
+    )
+    tail_layers: int = _f(0, "with label_private: the last blocks, also held by each client", min=0)
+
+    def cuts(self) -> list[int]:
+        """The cut point of every client (one value: the same for all)."""
+        return self.client_layers if isinstance(self.client_layers, list) else [self.client_layers]
+
+    def cut_of(self, client: int) -> int:
+        cuts = self.cuts()
+        return cuts[client] if len(cuts) > 1 else cuts[0]
 
 
 @dataclass
@@ -360,6 +374,21 @@ def _check_cross_fields(cfg: JobConfig) -> None:
         raise ConfigError(
             "config key 'privacy.noise_multiplier': the noise is in units of privacy.clip; expected privacy.clip > 0"
         )
+    s = cfg.split
+    if isinstance(s.client_layers, list) and (not s.client_layers or min(s.client_layers) < 1):
+        raise ConfigError(f"config key 'split.client_layers': expected integers ≥ 1, got {s.client_layers}")
+    if isinstance(s.client_layers, list) and cfg.run.mode != "splitlora":
+        raise ConfigError(
+            f"config key 'split.client_layers': one cut point per client needs run.mode splitlora (got "
+            f"{cfg.run.mode}); expected one integer"
+        )
+    if (s.label_private or s.tail_layers) and cfg.run.mode not in ("splitlora", "sl"):
+        raise ConfigError(
+            f"config key 'split.label_private': run.mode {cfg.run.mode} sends no activations; expected false "
+            "or run.mode splitlora / sl"
+        )
+    if s.tail_layers and not s.label_private:
+        raise ConfigError("config key 'split.tail_layers': the tail is held by clients; expected split.label_private")
     every = cfg.checkpoint.every
     if cfg.run.mode == "fedlora" and every and every % t.aggregate_every:
         raise ConfigError(

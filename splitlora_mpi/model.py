@@ -86,12 +86,31 @@ def num_blocks(config: PretrainedConfig) -> int:
 # ---------------------------------------------------------------- building a side
 
 
-def build_base(cfg: JobConfig, config: PretrainedConfig, role: Role, device: torch.device) -> PreTrainedModel:
-    """The HF model holding only `role`'s modules (all of them for "full"), weights filled."""
+def blocks_of(cfg: JobConfig, n: int, role: Role, client: int = 0) -> list[int]:
+    """The (global) indices of the blocks a side holds. A client: its first `client_layers`
+    blocks, plus the last `tail_layers` with label privacy; the server: the blocks from the
+    lowest cut point up to the tail. Raises ConfigError when a side would hold none."""
+    s = cfg.split
+    cuts = s.cuts()
+    tail = s.tail_layers if s.label_private else 0
+    if role == "full":
+        return list(range(n))
+    for k in cuts:
+        if not 1 <= k <= n - tail - 1:
+            expected = f"1..{n - tail - 1} (the model has {n} blocks" + (f", {tail} in the tail)" if tail else ")")
+            raise ConfigError(f"config key 'split.client_layers': expected {expected}, got {k}")
+    if role == "server":
+        return list(range(min(cuts), n - tail))
+    return list(range(s.cut_of(client))) + list(range(n - tail, n))
+
+
+def build_base(
+    cfg: JobConfig, config: PretrainedConfig, role: Role, device: torch.device, client: int = 0
+) -> PreTrainedModel:
+    """The HF model holding only `role`'s modules (all of them for "full"), weights filled;
+    `client`: which client (split points may differ per client)."""
     n = num_blocks(config)
-    k = cfg.split.client_layers
-    if role != "full" and not 1 <= k < n:
-        raise ConfigError(f"config key 'split.client_layers': expected 1..{n - 1} (the model has {n} blocks), got {k}")
+    keep = blocks_of(cfg, n, role, client)
     positions = getattr(config, "max_position_embeddings", None)
     if positions is not None and cfg.data.max_seq_len > positions:
         raise ConfigError(
@@ -100,9 +119,10 @@ def build_base(cfg: JobConfig, config: PretrainedConfig, role: Role, device: tor
     with torch.device("meta"):
         lm = AutoModelForCausalLM.from_config(config)
     tied = lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
-    _prune(lm, family_of(config), role, k, tied)
+    heads = role == "full" or (role == "client") == cfg.split.label_private
+    _prune(lm, family_of(config), role, keep, heads, tied)
     lm.to_empty(device=device)
-    if tied and role != "client":
+    if tied and heads:
         lm.tie_weights()  # to_empty gave the head its own storage
     _seeded_init(lm, cfg.run.seed, tied)
     if cfg.model.name_or_path is not None:
@@ -110,23 +130,24 @@ def build_base(cfg: JobConfig, config: PretrainedConfig, role: Role, device: tor
     return lm.to(getattr(torch, cfg.model.dtype))
 
 
-def _prune(lm: PreTrainedModel, fam: Family, role: Role, k: int, tied: bool) -> None:
+def _prune(lm: PreTrainedModel, fam: Family, role: Role, keep: list[int], heads: bool, tied: bool) -> None:
     """Drop the other side's modules; blocks become a ModuleDict keyed by their global index.
     "full" stays a plain HF model (usable with its own forward, generate, save_pretrained)."""
     if role == "full":
         return
     base = lm.base_model
     blocks = getattr(base, fam.blocks)
-    keep = range(k) if role == "client" else range(k, len(blocks))
     setattr(base, fam.blocks, nn.ModuleDict({str(i): blocks[i] for i in keep}))
-    if role == "client":
+    if not heads:
         setattr(base, fam.final_norm, None)
         lm.lm_head = None
-    elif role == "server":
+    if role == "server":
         for name in fam.client_only:
             setattr(base, name, None)
-        if not tied:  # a tied head shares the embedding weight: keeping the module costs nothing
+        if not (tied and heads):  # a tied head shares the embedding weight: keeping the module costs nothing
             lm.set_input_embeddings(None)
+            if not heads:
+                lm._tied_weights_keys = None  # no part of a tied pair is here (PEFT looks for one)
 
 
 def _module_seed(seed: int, name: str) -> int:
@@ -205,14 +226,19 @@ def peft_lora_config(cfg: JobConfig) -> PeftLoraConfig:
 
 
 class SplitPart(nn.Module):
-    """One side of the cut with its LoRA adapter: client (embeddings + first blocks),
-    server (remaining blocks + final norm + LM head) or full (both, for evaluation)."""
+    """One side of the cut with its LoRA adapter: client (embeddings + first blocks; with
+    label privacy also the last blocks and the LM head), server (the blocks in between, and
+    the final norm and LM head without label privacy) or full (everything, for evaluation)."""
 
-    def __init__(self, cfg: JobConfig, config: PretrainedConfig, role: Role, device: torch.device):
+    def __init__(self, cfg: JobConfig, config: PretrainedConfig, role: Role, device: torch.device, client: int = 0):
         super().__init__()
         self.role = role
         self.family = family_of(config)
-        lm = build_base(cfg, config, role, device)
+        self.num_blocks = num_blocks(config)
+        self.tail_start = self.num_blocks - (cfg.split.tail_layers if cfg.split.label_private else 0)
+        lm = build_base(cfg, config, role, device, client)
+        self.has_head = lm.get_output_embeddings() is not None
+        self.cut = cfg.split.cut_of(client)  # (client: the blocks before the cut)
         with torch.random.fork_rng(devices=[]):  # same LoRA init on every client and in central
             torch.manual_seed(_module_seed(cfg.run.seed, f"lora:{role}"))
             try:
@@ -225,30 +251,63 @@ class SplitPart(nn.Module):
         return self.peft.base_model.model
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """client: token ids -> cut-layer activations; server: activations -> logits."""
+        """client: token ids -> cut-layer activations; server: activations -> logits (label
+        privacy: -> the activations before the client's tail); full: token ids -> logits."""
+        if self.role == "server":
+            return self.forward_joined([(self.first_block, x, attention_mask)])
         base = self.lm.base_model
-        pos = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
-        h = self._embed(base, x, pos) if self.role in ("client", "full") else x
+        h = base.get_input_embeddings()(x)
+        if self.family is GPT2:
+            h = base.drop(h + base.wpe(torch.arange(x.shape[1], device=x.device).unsqueeze(0)))
+        if self.role == "client":
+            return self._blocks(h, attention_mask, 0, self.cut)
+        return self._head(self._blocks(h, attention_mask, 0, self.num_blocks))
+
+    def forward_joined(self, inputs: list[tuple[int, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Server: (first block, activations, mask) per group of rows, sorted by first block.
+        Rows join the batch when their block is reached, so groups that share a cut point are
+        one batch throughout. Output rows are in input order."""
+        h, mask = inputs[0][1], inputs[0][2]
+        for i, (start, _, _) in enumerate(inputs):
+            if i > 0:
+                h, mask = torch.cat([h, inputs[i][1]]), torch.cat([mask, inputs[i][2]])
+            stop = inputs[i + 1][0] if i + 1 < len(inputs) else self.tail_start
+            h = self._blocks(h, mask, start, stop)
+        return self._head(h) if self.has_head else h
+
+    def tail(self, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Client with label privacy: the server's output -> logits (the last blocks and the head)."""
+        return self._head(self._blocks(h, attention_mask, self.tail_start, self.num_blocks))
+
+    @property
+    def first_block(self) -> int:
+        return self.blocks_held()[0]
+
+    def blocks_held(self) -> list[int]:
+        blocks = getattr(self.lm.base_model, self.family.blocks)
+        return [int(i) for i in blocks] if isinstance(blocks, nn.ModuleDict) else list(range(len(blocks)))
+
+    def _blocks(self, h: torch.Tensor, attention_mask: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Run the blocks with global index in [start, stop) (causal mask and rotary built once here)."""
+        base = self.lm.base_model
+        blocks = getattr(base, self.family.blocks)
+        run = [blocks[str(i)] if isinstance(blocks, nn.ModuleDict) else blocks[i] for i in range(start, stop)]
+        if not run:
+            return h
+        pos = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
         mask = create_causal_mask(
             config=self.lm.config, inputs_embeds=h, attention_mask=attention_mask, cache=None, position_ids=pos
         )
         extra = {}
         if self.family.rotary:
             extra["position_embeddings"] = getattr(base, self.family.rotary)(h, position_ids=pos)
-        blocks = getattr(base, self.family.blocks)
-        for block in blocks.values() if isinstance(blocks, nn.ModuleDict) else blocks:
+        for block in run:
             h = block(h, attention_mask=mask, position_ids=pos, **extra)
             h = h[0] if isinstance(h, tuple) else h
-        if self.role == "client":
-            return h
-        h = getattr(base, self.family.final_norm)(h)
-        return self.lm.get_output_embeddings()(h)
-
-    def _embed(self, base: nn.Module, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        h = base.get_input_embeddings()(ids)
-        if self.family is GPT2:
-            h = base.drop(h + base.wpe(pos))
         return h
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm.get_output_embeddings()(getattr(self.lm.base_model, self.family.final_norm)(h))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

@@ -25,14 +25,33 @@ from .metrics import Metrics
 
 SERVER = 0
 HEADER_LEN = 8
-DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.int64, torch.int8]  # codes: append only
+DTYPES = [
+    torch.float32,
+    torch.bfloat16,
+    torch.float16,
+    torch.int32,
+    torch.int64,
+    torch.int8,
+    torch.float64,
+]  # codes: append only
 
 # header[7]: on an upload, the client asks to stop (it got SIGTERM/SIGINT); on a gradient
 # reply, what every client does after this step
 CONTINUE, DIVERGED, STOP = 0, 1, 2
 
-# phase tags: a message's tag is phase + kind offset
-TRAIN, EVAL, HANDSHAKE, EXPORT, STATS, CHECKPOINT, HANDOFF = 100, 200, 400, 410, 420, 430, 440
+# phase tags: a message's tag is phase + 2 x (index of the tensor in the message) + header/payload;
+# TAIL / EVAL_TAIL: label privacy, the server's output to the client's tail and what comes back
+TRAIN, TAIL, EVAL, EVAL_TAIL, HANDSHAKE, EXPORT, STATS, CHECKPOINT, HANDOFF = (
+    100,
+    150,
+    200,
+    250,
+    400,
+    410,
+    420,
+    430,
+    440,
+)
 _HEADER, _PAYLOAD = 0, 1
 
 
@@ -289,9 +308,8 @@ def _tensor(header: np.ndarray, buf: np.ndarray) -> torch.Tensor:
 
 
 def _nbytes(header: np.ndarray) -> int:
-    dtype = DTYPES[int(header[1])]
     numel = int(np.prod(header[3 : 3 + int(header[2])]))
-    return numel * torch.empty((), dtype=dtype).element_size()
+    return numel * DTYPES[int(header[1])].itemsize
 
 
 def _host_bytes(tensor: torch.Tensor) -> np.ndarray:

@@ -8,6 +8,7 @@ turn it is) sends per step; everything else is the same.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,16 +19,8 @@ from .compress import decode, encode, wire_parts
 from .config import JobConfig
 from .data import shard
 from .model import SplitPart
-from .protocol import CONTINUE, DIVERGED, EVAL, HANDOFF, STOP, TRAIN, Message, Transport
-from .training import (
-    Diverged,
-    PartTrainer,
-    checkpoint_or_stop,
-    eval_loss_sum,
-    is_eval_step,
-    server_update,
-    sl_owner,
-)
+from .protocol import CONTINUE, DIVERGED, EVAL, EVAL_TAIL, HANDOFF, STOP, TAIL, TRAIN, Message, Transport
+from .training import Diverged, PartTrainer, apply_loss, checkpoint_or_stop, is_eval_step, lm_loss_sum, sl_owner
 
 
 class Server:
@@ -37,9 +30,12 @@ class Server:
         self.trainer = PartTrainer(part, cfg.train)
         self.transport = transport
         self.clients = sorted(clients)
+        self.cut = {c: cfg.split.cut_of(c - 1) for c in self.clients}  # the block each client's rows enter at
         self.val_rows = val_rows
         self.wire = cfg.comm.activation_dtype
-        self.kinds_up = ["activations"] * wire_parts(self.wire) + ["labels"]
+        self.label_private = cfg.split.label_private
+        side = ["control", "control"] if self.label_private else ["labels"]  # (mask, target count) or (mask + labels)
+        self.kinds_up = ["activations"] * wire_parts(self.wire) + side
         self.compute_dtype = getattr(torch, cfg.model.dtype)
         self.device = next(part.parameters()).device
         self.tokens = 0
@@ -79,19 +75,34 @@ class Server:
         torch.set_rng_state(state["torch_rng"])
 
     def active(self, step: int) -> list[int]:
-        """The clients that send activations in `step`."""
+        """The clients that send activations in `step`, in batch order: by cut point, then rank."""
         if self.cfg.run.mode == "sl":
             return [self.clients[sl_owner(step, self.cfg.train, len(self.clients))]]
-        return self.clients
+        return sorted(self.clients, key=lambda c: (self.cut[c], c))
 
-    def _batch(self, uploads: dict[int, list[Message]], step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _forward(
+        self, uploads: dict[int, list[Message]], step: int, requires_grad: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
+        """The server part over every upload (clients that share a cut point form one batch):
+        (output, mask, labels or the clients' target counts, the activations per client)."""
         for rank, msgs in uploads.items():
             if msgs[0].step != step:
                 raise RuntimeError(f"rank 0: rank {rank} sent activations of step {msgs[0].step} during step {step}")
-        order = sorted(uploads)
-        h = torch.cat([decode([m.tensor for m in uploads[r][:-1]], self.compute_dtype) for r in order]).to(self.device)
-        side = torch.cat([uploads[r][-1].tensor for r in order], dim=1).to(self.device).long()
-        return h, side[0], side[1]
+        order = [c for c in self.active(step) if c in uploads]
+        n = wire_parts(self.wire)
+        h = {r: decode([m.tensor for m in uploads[r][:n]], self.compute_dtype).to(self.device) for r in order}
+        h = {r: x.requires_grad_(requires_grad) for r, x in h.items()}
+        side = torch.cat([uploads[r][n].tensor for r in order], dim=1).to(self.device).long()
+        mask = side[0]
+        rows = {r: uploads[r][n].tensor.shape[1] for r in order}
+        inputs, at = [], 0
+        for cut in sorted({self.cut[r] for r in order}):
+            group = [r for r in order if self.cut[r] == cut]
+            size = sum(rows[r] for r in group)
+            inputs.append((cut, torch.cat([h[r] for r in group]), mask[at : at + size]))
+            at += size
+        targets = torch.cat([uploads[r][n + 1].tensor for r in order]) if self.label_private else side[1]
+        return self.part.forward_joined(inputs), mask, targets, h
 
     def train_step(self, step: int, stop_requested: bool = False) -> tuple[float, int, bool]:
         start = time.perf_counter()
@@ -101,33 +112,64 @@ class Server:
             self.handoff_bytes += self.transport.recv_objects([previous], HANDOFF)[previous]
         uploads = self.transport.recv_tensors(active, TRAIN, self.kinds_up)
         stopping = stop_requested or any(msgs[0].flag == STOP for msgs in uploads.values())
-        h, mask, labels = self._batch(uploads, step)
-        sizes = [uploads[r][0].tensor.shape[0] for r in sorted(uploads)]
+        out, mask, targets, h = self._forward(uploads, step, requires_grad=True)
         try:
-            loss, grad = server_update(self.trainer, step, h, mask, labels, self.cfg.train.label_smoothing)
+            if self.label_private:
+                loss = self._client_loss(step, out, targets, h)
+            else:
+                loss_sum, n = lm_loss_sum(out, targets, self.cfg.train.label_smoothing)
+                loss = apply_loss(self.trainer, step, loss_sum, n)
         except Diverged:  # every client must stop too, before it updates anything
-            self._reply(step, torch.zeros_like(h).split(sizes), DIVERGED)
+            self._reply(step, {r: torch.zeros_like(x) for r, x in h.items()}, DIVERGED)
             raise
-        self._reply(step, grad.split(sizes), STOP if stopping else CONTINUE)
+        self._reply(step, {r: x.grad for r, x in h.items()}, STOP if stopping else CONTINUE)
         tokens = int(mask.sum())
         self.tokens += tokens
         self.transport.metrics.step(step, time.perf_counter() - start, tokens, loss)
         return loss, tokens, stopping
 
-    def _reply(self, step: int, grads: tuple[torch.Tensor, ...], flag: int) -> None:
-        wire = {rank: [(t, "gradients") for t in encode(g, self.wire)] for rank, g in zip(self.active(step), grads)}
-        self.transport.send_tensors(TRAIN, step, wire, flag)
+    def _client_loss(self, step: int, out: torch.Tensor, targets: torch.Tensor, h: dict[int, torch.Tensor]) -> float:
+        """Label privacy: each client gets its rows of the output (and the batch's target count),
+        computes its loss on its own tail and returns the gradient and its loss sum."""
+        total = targets.sum().reshape(1)
+        outputs = dict(zip(h, out.split([x.shape[0] for x in h.values()])))
+        self.transport.send_tensors(TAIL, step, {r: self._encoded(o, "activations") + [(total, "control")]
+                                                 for r, o in outputs.items()})  # fmt: skip
+        back = self.transport.recv_tensors(list(h), TAIL, ["gradients"] * wire_parts(self.wire) + ["control"])
+        loss = sum(float(back[r][-1].tensor) for r in h) / int(total)
+        if not math.isfinite(loss):
+            raise Diverged(step, loss)
+        grads = [decode([m.tensor for m in back[r][:-1]], out.dtype).to(self.device) for r in h]
+        out.backward(torch.cat(grads))
+        self.trainer.step()
+        return loss
 
+    def _encoded(self, t: torch.Tensor, kind: str) -> list[tuple[torch.Tensor, str]]:
+        return [(x, kind) for x in encode(t, self.wire)]
+
+    def _reply(self, step: int, grads: dict[int, torch.Tensor], flag: int) -> None:
+        self.transport.send_tensors(TRAIN, step, {r: self._encoded(g, "gradients") for r, g in grads.items()}, flag)
+
+    @torch.no_grad()
     def evaluate(self, step: int) -> float:
         """Validation loss over every active client's share, round by round (one batch per client)."""
         active = self.active(step)
         b = self.cfg.train.batch_size
-        batches = {c: -(-len(shard(self.val_rows, len(active), i)) // b) for i, c in enumerate(active)}
+        shares = {c: shard(self.val_rows, len(active), self.clients.index(c) if len(active) > 1 else 0) for c in active}
+        batches = {c: -(-len(rows) // b) for c, rows in shares.items()}
         total, count = 0.0, 0
         for r in range(max(batches.values())):
             senders = [c for c in active if batches[c] > r]
-            h, mask, labels = self._batch(self.transport.recv_tensors(senders, EVAL, self.kinds_up), step)
-            loss_sum, n = eval_loss_sum(self.part, h, mask, labels)
-            total, count = total + loss_sum, count + n
+            out, _, targets, h = self._forward(self.transport.recv_tensors(senders, EVAL, self.kinds_up), step, False)
+            if self.label_private:  # the clients score their rows and send (loss sum, targets)
+                outputs = dict(zip(h, out.split([x.shape[0] for x in h.values()])))
+                self.transport.send_tensors(EVAL_TAIL, step, {c: self._encoded(o, "activations")
+                                                              for c, o in outputs.items()})  # fmt: skip
+                sums = self.transport.recv_tensors(senders, EVAL_TAIL, ["control"])
+                loss_sum, n = (sum(float(sums[c][0].tensor[i]) for c in senders) for i in (0, 1))
+            else:
+                loss_sum, n = lm_loss_sum(out, targets)
+                loss_sum = float(loss_sum)
+            total, count = total + loss_sum, count + int(n)
         self.transport.metrics.val_loss(total / count)
         return total / count

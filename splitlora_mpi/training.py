@@ -88,18 +88,24 @@ def server_update(
     labels: torch.Tensor,
     label_smoothing: float,
 ) -> tuple[float, torch.Tensor]:
-    """The server's half of a step: loss over the concatenated batch, server step, and the
-    gradient w.r.t. the activations it was given (for the clients). A non-finite loss raises
-    `Diverged` before any weight changes."""
+    """The server's half of a step: loss over the batch, server step, and the gradient w.r.t.
+    the activations it was given (for the client part)."""
     h = activations.detach().requires_grad_()
     loss_sum, n = lm_loss_sum(trainer.part(h, attention_mask), labels, label_smoothing)
+    loss = apply_loss(trainer, step, loss_sum, n)
+    assert h.grad is not None
+    return loss, h.grad
+
+
+def apply_loss(trainer: PartTrainer, step: int, loss_sum: torch.Tensor, n: int) -> float:
+    """Backward of the token-mean loss, then the step. A non-finite loss raises `Diverged`
+    before any weight changes."""
     loss = loss_sum / n
     if not torch.isfinite(loss):
         raise Diverged(step, float(loss.detach()))
     loss.backward()
     trainer.step()
-    assert h.grad is not None
-    return float(loss.detach()), h.grad
+    return float(loss.detach())
 
 
 @torch.no_grad()

@@ -157,3 +157,44 @@ def test_rows_longer_than_the_models_positions_are_refused():
     cfg, config = _cfg(GPT2, "data.max_seq_len=128")
     with pytest.raises(ConfigError, match="data.max_seq_len"):
         build_base(cfg, config, "client", CPU)
+
+
+def _from_full(full: SplitPart, *parts: SplitPart) -> None:
+    """Give each part the full model's (randomised) adapter values for the blocks it holds."""
+    _randomise_lora_b(full)
+    state = full.adapter_state()
+    for part in parts:
+        part.load_adapter_state({k: state[k] for k in part.adapter_state()})
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("tail", [0, 1])
+def test_label_private_client_ends_with_the_head(family, tail):
+    """U-shaped split: client front -> server -> client tail gives the whole model's logits;
+    the server holds neither the embeddings nor the head."""
+    cfg, config = _cfg(FAMILIES[family], "split.label_private=true", f"split.tail_layers={tail}")
+    client, server, full = (SplitPart(cfg, config, role, CPU) for role in ("client", "server", "full"))
+    _from_full(full, client, server)
+    assert server.blocks_held() == list(range(1, 3 - tail)) and not server.has_head
+    assert client.blocks_held() == [0] + list(range(3 - tail, 3)) and client.has_head
+    assert not any("embed" in n or "wte" in n for n, _ in server.named_parameters())
+    ids, mask, _ = _batch()
+    with torch.no_grad():
+        split = client.tail(server(client(ids, mask), mask), mask)
+        whole = full.peft(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(split, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_server_joins_clients_with_other_cut_points():
+    """Cut points 1 and 2: the server runs block 1 for the first client's rows only, then
+    blocks 2.. for both as one batch; each row's logits are the whole model's."""
+    cfg, config = _cfg(GPT2, "split.client_layers=[1, 2]")
+    near, far = SplitPart(cfg, config, "client", CPU, 0), SplitPart(cfg, config, "client", CPU, 1)
+    server, full = SplitPart(cfg, config, "server", CPU), SplitPart(cfg, config, "full", CPU)
+    _from_full(full, near, far, server)
+    assert near.blocks_held() == [0] and far.blocks_held() == [0, 1] and server.blocks_held() == [1, 2]
+    ids, mask, _ = _batch()
+    with torch.no_grad():
+        joined = server.forward_joined([(1, near(ids[:2], mask[:2]), mask[:2]), (2, far(ids[2:], mask[2:]), mask[2:])])
+        whole = full.peft(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(joined, whole, rtol=1e-5, atol=1e-6)

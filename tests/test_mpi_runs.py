@@ -302,3 +302,28 @@ def test_pretrained_local_model_and_bpe_tokenizer(tmp_path):
         model_dir
     )
     assert _summary(out)["final_val_loss"] > 0 and model is not None
+
+
+def test_label_private_split_equals_the_plain_split(tmp_path, wire_runs):
+    """U-shaped: the clients keep the LM head. Same training as the plain split (2 clients),
+    no label bytes, and the only activations on the wire are hidden states (B x T x H each way):
+    no logits, which would be vocabulary-sized."""
+    out = _run(tmp_path, "splitlora", 3, "--set", "split.label_private=true")
+    plain = wire_runs["float32"]
+    _assert_same_training(out, plain)
+    s, p = _summary(out), _summary(plain)
+    assert s["bytes"]["labels"] == 0 and p["bytes"]["labels"] > 0
+    assert s["bytes"]["activations"] == 2 * p["bytes"]["activations"]  # up to the server and back to the tail
+    assert s["bytes"]["gradients"] == 2 * p["bytes"]["gradients"]
+
+
+def test_label_private_tail_blocks_in_sl_mode(tmp_path):
+    """With tail_layers=1 the last block also lives on the clients: client and server hold 2
+    blocks each of the 4, and the exported adapter still covers all of them."""
+    out = _run(tmp_path, "sl", 3, "--set", "split.label_private=true", "--set", "split.tail_layers=1")
+    s = _summary(out)
+    assert s["client_trainable_params"] == s["server_trainable_params"] > 0
+    assert s["bytes"]["labels"] == 0
+    blocks = {k.split(".h.")[1].split(".")[0] for k in _adapter(out)}
+    assert blocks == {"0", "1", "2", "3"}
+    assert _rows(out)[-1]["val_loss"] < _rows(out)[0]["train_loss"]
