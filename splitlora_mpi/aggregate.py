@@ -55,3 +55,29 @@ def weighted_mean(states: list[State], weights: list[float]) -> State:
 def fedavg(state: State, weight: float, allreduce_sum: Callable[[np.ndarray], np.ndarray]) -> State:
     """Token-weighted average of this client's adapter with every other client's."""
     return mean_from_sum(allreduce_sum(weighted_contribution(state, weight)), state)
+
+
+def fedavg_by_key(
+    state: State,
+    weights: dict[str, float],
+    layout: dict[str, list[int]],
+    allreduce_sum: Callable[[np.ndarray], np.ndarray],
+) -> State:
+    """FedAvg where ranks hold different subsets of the tensors in `layout` (per-client cut
+    points): each tensor is the weighted mean over the ranks that hold it. One Allreduce of
+    [w_k * tensor_k (zeros where not held) for every key k, w_k for every key]."""
+    keys = sorted(layout)
+    sizes = [int(np.prod(layout[k])) for k in keys]
+    held = [k in state for k in keys]
+    values = [state[k].detach().cpu().double().reshape(-1).numpy() * weights[k] if h else np.zeros(n)
+              for k, n, h in zip(keys, sizes, held)]  # fmt: skip
+    summed = allreduce_sum(np.concatenate([*values, [weights[k] if h else 0.0 for k, h in zip(keys, held)]]))
+    out: State = {}
+    offset = 0
+    for i, (key, n) in enumerate(zip(keys, sizes)):
+        if held[i]:
+            ref = state[key]
+            mean = summed[offset : offset + n] / summed[sum(sizes) + i]
+            out[key] = torch.from_numpy(mean).reshape(ref.shape).to(ref.dtype).to(ref.device)
+        offset += n
+    return out

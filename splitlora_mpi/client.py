@@ -11,6 +11,7 @@ schedule, RNG) to the next client, so one client model travels over all the data
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -69,6 +70,10 @@ class Client:
         self.label_private = cfg.split.label_private
         self.compute_dtype = getattr(torch, cfg.model.dtype)
         self.device = next(part.parameters()).device
+        # per-client cut points: every client-side adapter tensor (key: shape), averaged among the
+        # ranks that hold it (the server too, for blocks it runs for clients with an earlier
+        # cut); the server sends it with the handshake's verdict
+        self.layout: dict[str, list[int]] | None = None
         self.tokens = 0
         self.tokens_since_average = 0
 
@@ -197,7 +202,12 @@ class Client:
 
     def average(self) -> None:
         """Token-weighted FedAvg of the client adapters (one Allreduce)."""
-        state = aggregate.fedavg(self.part.adapter_state(), self.tokens_since_average, self.transport.allreduce_sum)
+        state, weight = self.part.adapter_state(), float(self.tokens_since_average)
+        if self.layout is None:
+            state = aggregate.fedavg(state, weight, self.transport.allreduce_sum)
+        else:
+            world = functools.partial(self.transport.allreduce_sum, world=True)
+            state = aggregate.fedavg_by_key(state, dict.fromkeys(state, weight), self.layout, world)
         self.part.load_adapter_state(state)
         self.tokens_since_average = 0
 

@@ -228,26 +228,31 @@ class Transport:
 
     # ------------------------------------------------------------ handshake
 
-    def client_handshake(self, fingerprint: dict[str, Any], hello: dict[str, Any], error: str | None) -> int | None:
-        """Send the server this client's fingerprint (or its set-up error); wait for the verdict.
-        Returns the step to resume from (None: start afresh)."""
+    def client_handshake(self, fingerprint: dict[str, Any], hello: dict[str, Any], error: str | None) -> dict[str, Any]:
+        """Send the server this client's fingerprint (or its set-up error); wait for the verdict:
+        `resume` (the step to resume from, None: start afresh) and what the server shares."""
         self.send_object(SERVER, HANDSHAKE, {"fingerprint": fingerprint, "error": error, **hello})
         verdict = self.recv_objects([SERVER], HANDSHAKE)[SERVER]
         if verdict["error"] is not None:
             raise ConfigError(verdict["error"])
-        return verdict["resume"]
+        return verdict
 
     def server_handshake(
-        self, clients: list[int], fingerprint: dict[str, Any], error: str | None, resume: int | None
+        self,
+        clients: list[int],
+        fingerprint: dict[str, Any],
+        error: str | None,
+        share: Callable[[dict[int, Any]], dict[str, Any]],
     ) -> dict[int, Any]:
         """Every client must be ready and configured like the server; all ranks stop otherwise.
-        The verdict also tells every client the checkpoint step to resume from."""
+        The verdict also carries `share(hellos)` to every client (e.g. the step to resume from)."""
         hellos = self.recv_objects(clients, HANDSHAKE)
-        verdict = error or _verdict(fingerprint, hellos)
+        error = error or _verdict(fingerprint, hellos)
+        verdict = {"error": error, **(share(hellos) if error is None else {})}
         for c in clients:
-            self.send_object(c, HANDSHAKE, {"error": verdict, "resume": resume})
-        if verdict is not None:
-            raise ConfigError(verdict)
+            self.send_object(c, HANDSHAKE, verdict)
+        if error is not None:
+            raise ConfigError(error)
         return hellos
 
     # ------------------------------------------------------------ clients' allreduce

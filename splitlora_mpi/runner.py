@@ -221,7 +221,17 @@ def _exporter(cfg: JobConfig, num_clients: int) -> int | None:
         return None
     if cfg.run.mode == "sl":  # the client that trained last holds the travelling client model
         return sl_owner(cfg.train.steps, cfg.train, num_clients) + 1
-    return 1  # after the final average every client holds the same adapter
+    cuts = cfg.split.cuts()  # after the final average every client holds the same values of its blocks:
+    return cuts.index(max(cuts)) + 1  # the one with the most blocks has them all
+
+
+def _check_cut_points(cfg: JobConfig, num_clients: int) -> None:
+    cuts = cfg.split.cuts()
+    if len(cuts) > 1 and len(cuts) != num_clients:
+        raise ConfigError(
+            f"config key 'split.client_layers': {len(cuts)} cut points for {num_clients} clients; expected one "
+            "value per client (or a single value for all)"
+        )
 
 
 def _savers(cfg: JobConfig, step: int, clients: list[int]) -> list[int]:
@@ -244,7 +254,8 @@ def _run_client(cfg: JobConfig, transport: Transport) -> None:
         train, val = _load_data(cfg, tok)
         rows = partition(train.groups, num_clients, cfg.data.partition, cfg.data.dirichlet_alpha, cfg.run.seed)[index]
         device = _device(transport.local_rank)
-        parts = [SplitPart(cfg, config, "client", device)]
+        _check_cut_points(cfg, num_clients)
+        parts = [SplitPart(cfg, config, "client", device, index)]
         if cfg.run.mode == "fedlora":  # the whole model, as two parts (exactly as central)
             from .central import Central
 
@@ -257,12 +268,16 @@ def _run_client(cfg: JobConfig, transport: Transport) -> None:
             "pid": os.getpid(),
             "val_rows": len(val),
             "adapter_numel": _param_count(parts[0]),
+            "adapter_shapes": {k: list(v.shape) for k, v in parts[0].adapter_state().items()},
             "train_rows": len(rows),
             "truncated": train.truncated,
         }
     except ConfigError as e:
         error = str(e)
-    resume = transport.client_handshake(cfg.fingerprint(), hello, error)
+    verdict = transport.client_handshake(cfg.fingerprint(), hello, error)
+    resume = verdict["resume"]
+    if cfg.run.mode == "splitlora":
+        role.layout = verdict["layout"]
     transport.open_clients_group()
     if resume is not None and transport.rank in _savers(cfg, resume + 1, list(range(1, num_clients + 1))):
         # rank 0 holds the checkpoint and sends this client its state
@@ -299,6 +314,7 @@ def _run_server(cfg: JobConfig, transport: Transport) -> None:
         check_writable(cfg.out_dir)
         tok, config = _tokenizer_and_config(cfg)
         device = _device(transport.local_rank)
+        _check_cut_points(cfg, len(clients))
         part = SplitPart(cfg, config, "server", device)
         if cfg.run.mode == "fedlora":  # rank 0 evaluates the averaged whole model
             client_part = SplitPart(cfg, config, "client", device)
@@ -308,7 +324,14 @@ def _run_server(cfg: JobConfig, transport: Transport) -> None:
         found = _find_checkpoint(cfg, transport.size)
     except ConfigError as e:
         error = str(e)
-    hellos = transport.server_handshake(clients, cfg.fingerprint(), error, found.step if found else None)
+    hetero = len(cfg.split.cuts()) > 1
+
+    def share(hellos: dict[int, Any]) -> dict[str, Any]:
+        """The resume step, and with per-client cut points every client-side adapter tensor."""
+        layout = {k: v for c in clients for k, v in hellos[c]["adapter_shapes"].items()} if hetero else None
+        return {"resume": found.step if found else None, "layout": layout}
+
+    hellos = transport.server_handshake(clients, cfg.fingerprint(), error, share)
     transport.open_clients_group()
     h = hellos[1]
     pids = " ".join(f"{r}={p}" for r, p in [(SERVER, os.getpid())] + [(c, hellos[c]["pid"]) for c in clients])
@@ -326,7 +349,8 @@ def _run_server(cfg: JobConfig, transport: Transport) -> None:
     if cfg.run.mode == "fedlora":
         role: Any = FedServer(cfg, client_part, part, val, transport)
     else:
-        role = Server(cfg, part, transport, clients, h["val_rows"])
+        adapters = {c: hellos[c]["adapter_shapes"] for c in clients} if hetero else None
+        role = Server(cfg, part, transport, clients, h["val_rows"], adapters)
     m = transport.metrics
     saved = checkpoint.from_bytes(found.files[SERVER].read_bytes()) if found else None
     if found:  # (sent before the counters are restored: uncounted on both sides, like the client's receive)
@@ -343,6 +367,8 @@ def _run_server(cfg: JobConfig, transport: Transport) -> None:
         if cfg.run.mode == "sl":
             return role.handoff_bytes
         if cfg.run.mode == "fedlora":  # every rank's Allreduce buffer is the size of rank 0's
+            return len(clients) * m.sent_bytes[("all", "adapters")]
+        if hetero:  # every rank's Allreduce buffer is the size of rank 0's
             return len(clients) * m.sent_bytes[("all", "adapters")]
         return aggregations_until(step, cfg.train) * len(clients) * (h["adapter_numel"] + 1) * 8
 
@@ -371,7 +397,7 @@ def _run_server(cfg: JobConfig, transport: Transport) -> None:
     log.close(_summary(
         cfg, log, world_size=transport.size, num_clients=len(clients), bytes=by_kind,
         tokens_by_client=[stats[c]["tokens"] for c in clients],
-        client_trainable_params=stats[1]["trainable_params"],
+        client_trainable_params=max(s["trainable_params"] for s in stats.values()),
         server_trainable_params=0 if cfg.run.mode == "fedlora" else _param_count(part),
         peak_rss_mb={"server": _peak_rss_mb(), "client_max": max(s["peak_rss_mb"] for s in stats.values())},
     ))  # fmt: skip

@@ -8,6 +8,7 @@ turn it is) sends per step; everything else is the same.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -15,16 +16,36 @@ from typing import Any
 
 import torch
 
+from . import aggregate
 from .compress import decode, encode, wire_parts
 from .config import JobConfig
 from .data import shard
 from .model import SplitPart
 from .protocol import CONTINUE, DIVERGED, EVAL, EVAL_TAIL, HANDOFF, STOP, TAIL, TRAIN, Message, Transport
-from .training import Diverged, PartTrainer, apply_loss, checkpoint_or_stop, is_eval_step, lm_loss_sum, sl_owner
+from .training import (
+    Diverged,
+    PartTrainer,
+    apply_loss,
+    checkpoint_or_stop,
+    is_aggregation_step,
+    is_eval_step,
+    lm_loss_sum,
+    sl_owner,
+)
 
 
 class Server:
-    def __init__(self, cfg: JobConfig, part: SplitPart, transport: Transport, clients: list[int], val_rows: int):
+    def __init__(
+        self,
+        cfg: JobConfig,
+        part: SplitPart,
+        transport: Transport,
+        clients: list[int],
+        val_rows: int,
+        client_adapters: dict[int, dict[str, list[int]]] | None = None,
+    ):
+        """`client_adapters`: with per-client cut points, each client's adapter tensors (key:
+        shape); the server's copies of blocks some clients hold join their FedAvg."""
         self.cfg = cfg
         self.part = part
         self.trainer = PartTrainer(part, cfg.train)
@@ -38,6 +59,11 @@ class Server:
         self.kinds_up = ["activations"] * wire_parts(self.wire) + side
         self.compute_dtype = getattr(torch, cfg.model.dtype)
         self.device = next(part.parameters()).device
+        self.client_adapters = client_adapters
+        self.layout = (
+            None if client_adapters is None else {k: v for a in client_adapters.values() for k, v in a.items()}
+        )
+        self.tokens_since_average = dict.fromkeys(self.clients, 0)
         self.tokens = 0
         self.handoff_bytes = 0  # sl: client-to-client handoffs, as their senders report them
         self.start = 0
@@ -56,6 +82,8 @@ class Server:
         for step in range(start + 1, t.steps + 1):
             lr = self.trainer.lr
             loss, tokens, stopping = self.train_step(step, stop_requested())
+            if self.layout is not None and is_aggregation_step(step, t):
+                self.average()
             val = self.evaluate(step) if is_eval_step(step, t) else None
             on_step(step, loss, tokens, lr, val)
             checkpoint_or_stop(step, self.cfg.checkpoint.every, stopping, on_checkpoint)
@@ -64,6 +92,7 @@ class Server:
         return {
             "trainer": self.trainer.state(),
             "tokens": self.tokens,
+            "tokens_since_average": self.tokens_since_average,
             "handoff_bytes": self.handoff_bytes,
             "torch_rng": torch.get_rng_state(),
         }
@@ -71,6 +100,7 @@ class Server:
     def load_state(self, state: dict[str, Any]) -> None:
         self.trainer.load_state(state["trainer"])
         self.tokens = state["tokens"]
+        self.tokens_since_average = state["tokens_since_average"]
         self.handoff_bytes = state["handoff_bytes"]
         torch.set_rng_state(state["torch_rng"])
 
@@ -125,6 +155,8 @@ class Server:
         self._reply(step, {r: x.grad for r, x in h.items()}, STOP if stopping else CONTINUE)
         tokens = int(mask.sum())
         self.tokens += tokens
+        for r, msgs in uploads.items():
+            self.tokens_since_average[r] += int(msgs[wire_parts(self.wire)].tensor[0].sum())
         self.transport.metrics.step(step, time.perf_counter() - start, tokens, loss)
         return loss, tokens, stopping
 
@@ -143,6 +175,17 @@ class Server:
         out.backward(torch.cat(grads))
         self.trainer.step()
         return loss
+
+    def average(self) -> None:
+        """Per-client cut points: the server's copy of a block that some clients hold is one
+        more holder in that block's FedAvg, weighted by the tokens of the clients it ran for."""
+        assert self.layout is not None and self.client_adapters is not None
+        state = {k: v for k, v in self.part.adapter_state().items() if k in self.layout}
+        weights = {k: float(sum(n for c, n in self.tokens_since_average.items() if k not in self.client_adapters[c]))
+                   for k in state}  # fmt: skip
+        world = functools.partial(self.transport.allreduce_sum, world=True)
+        self.part.load_adapter_state(aggregate.fedavg_by_key(state, weights, self.layout, world))
+        self.tokens_since_average = dict.fromkeys(self.clients, 0)
 
     def _encoded(self, t: torch.Tensor, kind: str) -> list[tuple[torch.Tensor, str]]:
         return [(x, kind) for x in encode(t, self.wire)]

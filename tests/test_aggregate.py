@@ -52,3 +52,31 @@ def test_fedavg_through_a_sum_equals_reference():
 def test_zero_weight_is_refused():
     with pytest.raises(ValueError):
         weighted_contribution(_state(0), 0)
+
+
+def test_fedavg_by_key_averages_each_tensor_among_its_holders():
+    """Per-client cut points: rank X holds a and b, rank Y only a, rank Z only b."""
+    from splitlora_mpi.aggregate import fedavg_by_key
+
+    full = _state(0)
+    layout = {k: list(v.shape) for k, v in full.items()}
+    a, b = "a.lora_A.weight", "b.lora_B.weight"
+    held = {"X": _state(1), "Y": {a: _state(2)[a]}, "Z": {b: _state(3)[b]}}
+    weights = {"X": 1.0, "Y": 3.0, "Z": 4.0}
+    contributions = []
+
+    def record(buf: np.ndarray) -> np.ndarray:
+        contributions.append(buf)
+        return buf
+
+    for rank, state in held.items():  # first pass: collect what each rank adds to the Allreduce
+        fedavg_by_key(state, dict.fromkeys(state, weights[rank]), layout, record)
+    total = np.sum(contributions, axis=0)
+    out = {rank: fedavg_by_key(s, dict.fromkeys(s, weights[rank]), layout, lambda _: total) for rank, s in held.items()}
+    assert out["Y"].keys() == {a} and out["Z"].keys() == {b} and out["X"].keys() == {a, b}
+    expect_a = (held["X"][a].double() * 1 + held["Y"][a].double() * 3) / 4
+    expect_b = (held["X"][b].double() * 1 + held["Z"][b].double() * 4) / 5
+    for rank in ("X", "Y"):
+        assert torch.allclose(out[rank][a].double(), expect_a, rtol=1e-6)
+    for rank in ("X", "Z"):
+        assert torch.allclose(out[rank][b].double(), expect_b, rtol=1e-6)

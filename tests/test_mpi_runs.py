@@ -327,3 +327,25 @@ def test_label_private_tail_blocks_in_sl_mode(tmp_path):
     blocks = {k.split(".h.")[1].split(".")[0] for k in _adapter(out)}
     assert blocks == {"0", "1", "2", "3"}
     assert _rows(out)[-1]["val_loss"] < _rows(out)[0]["train_loss"]
+
+
+def test_clients_with_their_own_cut_points(tmp_path):
+    """Cut points [1, 2]: client 2 runs block 1 itself, the server runs it for client 1. After
+    each FedAvg every copy of a block is the same: block 0 on both clients, block 1 on client 2
+    and the server (checked in the checkpoint of the last step)."""
+    from splitlora_mpi import checkpoint
+
+    out = _run(tmp_path, "splitlora", 3, "--set", "split.client_layers=[1, 2]", "--set", "checkpoint.every=8")
+    s, rows = _summary(out), _rows(out)
+    assert rows[-1]["val_loss"] < rows[0]["train_loss"]
+    states = {r: checkpoint.from_bytes(checkpoint.rank_file(out, 8, r).read_bytes()) for r in (0, 1, 2)}
+    server = states[0]["server"]["trainer"]["adapter"]
+    near, far = (states[r]["client"]["trainer"]["adapter"] for r in (1, 2))
+    assert {k.split(".h.")[1][0] for k in near} == {"0"} and {k.split(".h.")[1][0] for k in far} == {"0", "1"}
+    assert {k.split(".h.")[1][0] for k in server} == {"1", "2", "3"}
+    for k in near:
+        assert torch.equal(near[k], far[k]), k
+    shared = [k for k in far if k in server]
+    assert shared and all(torch.equal(far[k], server[k]) for k in shared)
+    assert s["client_trainable_params"] == sum(v.numel() for v in far.values())
+    assert _adapter(out).keys() == {*far, *server}
