@@ -68,6 +68,7 @@ class Client:
         self.transport = transport
         self.wire = cfg.comm.activation_dtype
         self.label_private = cfg.split.label_private
+        self.micro_batches = cfg.comm.micro_batches
         self.compute_dtype = getattr(torch, cfg.model.dtype)
         self.device = next(part.parameters()).device
         # per-client cut points: every client-side adapter tensor (key: shape), averaged among the
@@ -170,22 +171,46 @@ class Client:
         """One step; True when the server says every rank stops after it."""
         start = time.perf_counter()
         batch = make_batch(self.train, self.sampler.next_indices()).to(self.device)
-        h = self._cut(batch)
-        self.transport.send_tensors(TRAIN, step, {SERVER: self._upload(h, batch)}, STOP if ask_to_stop else CONTINUE)
-        if self.label_private:
-            self._tail_step(step, batch)
-        replies = self.transport.recv_tensors([SERVER], TRAIN, ["gradients"] * wire_parts(self.wire))[SERVER]
-        reply = replies[0]
-        if reply.step != step:
-            raise RuntimeError(f"rank {self.transport.rank}: gradient for step {reply.step} arrived at step {step}")
-        if reply.flag == DIVERGED:  # the server reports it (exit 2); stop before updating anything
-            raise Diverged(step, float("nan"))
-        h.backward(decode([r.tensor for r in replies], h.dtype).to(self.device))
+        flag = STOP if ask_to_stop else CONTINUE
+        if self.micro_batches > 1:
+            outcome = self._pipelined(step, batch, flag)
+        else:
+            h = self._cut(batch)
+            self.transport.send_tensors(TRAIN, step, {SERVER: self._upload(h, batch)}, flag)
+            if self.label_private:
+                self._tail_step(step, batch)
+            outcome = self._backward(step, h)
         self.trainer.step()
         self.tokens += batch.tokens
         self.tokens_since_average += batch.tokens
         self.transport.metrics.step(step, time.perf_counter() - start, batch.tokens)
-        return reply.flag == STOP
+        return outcome == STOP
+
+    def _pipelined(self, step: int, batch: Batch, flag: int) -> int:
+        """Micro-batches: the labels first (the server needs the step's target count before
+        its first backward), then each micro-batch's activations are on their way while the
+        next is computed; gradients come back in the same order."""
+        self.transport.send_tensors(TRAIN, step, {SERVER: [(side_channel(batch), "labels")]}, flag)
+        cuts, waits = [], []
+        for micro in batch.split(self.micro_batches):
+            cuts.append(self._cut(micro))
+            waits.append(self.transport.isend_tensors(TRAIN, step, {SERVER: self._encoded(cuts[-1], "activations")}))
+        for wait in waits:
+            wait()
+        outcomes = [self._backward(step, h) for h in cuts]
+        return outcomes[-1]
+
+    def _backward(self, step: int, h: torch.Tensor) -> int:
+        """Receive the gradient of `h` and backpropagate it; returns the server's flag. A
+        divergence stops this client before it updates anything."""
+        replies = self.transport.recv_tensors([SERVER], TRAIN, ["gradients"] * wire_parts(self.wire))[SERVER]
+        reply = replies[0]
+        if reply.step != step:
+            raise RuntimeError(f"rank {self.transport.rank}: gradient for step {reply.step} arrived at step {step}")
+        if reply.flag == DIVERGED:  # the server reports it (exit 2)
+            raise Diverged(step, float("nan"))
+        h.backward(self._decoded(replies))
+        return reply.flag
 
     def _tail_step(self, step: int, batch: Batch) -> None:
         """Label privacy: the loss on this client's tail over the server's output; its gradient

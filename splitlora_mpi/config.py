@@ -145,6 +145,9 @@ class CommConfig:
         "float32", "wire format of activations and gradients (int8: per-token absmax scaling)"
     )
     timeout_s: float = _f(300.0, "longest wait for any peer before the job is aborted", gt=0)
+    micro_batches: int = _f(
+        1, "split each client batch so sending one part overlaps computing the next (1 = off)", min=1
+    )
 
 
 @dataclass
@@ -197,8 +200,8 @@ class JobConfig:
         be one model and one schedule."""
         from . import __version__
 
-        keep = ("model.", "split.", "lora.", "comm.activation_dtype", "train.", "data.max_seq_len", "run.seed",
-                "run.mode", "privacy.")  # fmt: skip
+        keep = ("model.", "split.", "lora.", "comm.activation_dtype", "comm.micro_batches", "train.",
+                "data.max_seq_len", "run.seed", "run.mode", "privacy.")  # fmt: skip
         return {"version": __version__, **{k: v for k, v in _flatten(self.to_dict()).items() if k.startswith(keep)}}
 
 
@@ -386,6 +389,16 @@ def _check_cross_fields(cfg: JobConfig) -> None:
         raise ConfigError(
             f"config key 'split.label_private': run.mode {cfg.run.mode} sends no activations; expected false "
             "or run.mode splitlora / sl"
+        )
+    if cfg.comm.micro_batches > 1 and (s.label_private or cfg.run.mode not in ("splitlora", "sl")):
+        raise ConfigError(
+            "config key 'comm.micro_batches': micro-batches pipeline the plain split; expected 1 with "
+            f"split.label_private or run.mode {cfg.run.mode}"
+        )
+    if cfg.comm.micro_batches > t.batch_size:
+        raise ConfigError(
+            f"config key 'comm.micro_batches': expected ≤ train.batch_size ({t.batch_size}), "
+            f"got {cfg.comm.micro_batches}"
         )
     if s.tail_layers and not s.label_private:
         raise ConfigError("config key 'split.tail_layers': the tail is held by clients; expected split.label_private")

@@ -208,6 +208,11 @@ class Batch:
     def to(self, device: torch.device) -> Batch:
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
 
+    def split(self, parts: int) -> list[Batch]:
+        """Micro-batches of consecutive rows (torch.chunk sizes: the server cuts its copy of the
+        labels the same way)."""
+        return [Batch(*t) for t in zip(*(x.chunk(parts) for x in (self.input_ids, self.attention_mask, self.labels)))]
+
 
 def make_batch(data: EncodedData, indices: list[int]) -> Batch:
     idx = torch.tensor(indices, dtype=torch.long)

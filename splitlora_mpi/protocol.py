@@ -138,6 +138,13 @@ class Transport:
         self, phase: int, step: int, messages: dict[int, list[tuple[torch.Tensor, str]]], flag: int = CONTINUE
     ) -> None:
         """Send each destination its tensors (each: header + raw bytes); wait until all are sent."""
+        self.isend_tensors(phase, step, messages, flag)()
+
+    def isend_tensors(
+        self, phase: int, step: int, messages: dict[int, list[tuple[torch.Tensor, str]]], flag: int = CONTINUE
+    ) -> Callable[[], None]:
+        """Start sending (as `send_tensors`); returns the wait for completion, so the caller can
+        compute meanwhile (micro-batches)."""
         requests: list[MPI.Request] = []
         peers: list[int] = []
         keep: list[np.ndarray] = []  # buffers must outlive the requests
@@ -151,7 +158,12 @@ class Transport:
                 peers += [dest, dest]
                 self.metrics.sent(dest, "control", header.nbytes)
                 self.metrics.sent(dest, kind, payload.nbytes)
-        self._wait(requests, "send", f"sending phase {phase} step {step}", peers)
+
+        def wait() -> None:
+            self._wait(requests, "send", f"sending phase {phase} step {step}", peers)
+            keep.clear()
+
+        return wait
 
     def recv_tensors(self, sources: list[int], phase: int, kinds: list[str]) -> dict[int, list[Message]]:
         """Receive len(kinds) tensors from each source, in whatever order the sources send:

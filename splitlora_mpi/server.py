@@ -19,7 +19,7 @@ import torch
 from . import aggregate
 from .compress import decode, encode, wire_parts
 from .config import JobConfig
-from .data import shard
+from .data import IGNORE, shard
 from .model import SplitPart
 from .protocol import CONTINUE, DIVERGED, EVAL, EVAL_TAIL, HANDOFF, STOP, TAIL, TRAIN, Message, Transport
 from .training import (
@@ -55,6 +55,8 @@ class Server:
         self.val_rows = val_rows
         self.wire = cfg.comm.activation_dtype
         self.label_private = cfg.split.label_private
+        self.micro_batches = cfg.comm.micro_batches
+        self._stopping = False  # a signal asked this step to be the last
         side = ["control", "control"] if self.label_private else ["labels"]  # (mask, target count) or (mask + labels)
         self.kinds_up = ["activations"] * wire_parts(self.wire) + side
         self.compute_dtype = getattr(torch, cfg.model.dtype)
@@ -140,9 +142,11 @@ class Server:
         if step > self.start + 1 and active != self.active(step - 1):  # sl: a turn ended
             previous = self.active(step - 1)[0]
             self.handoff_bytes += self.transport.recv_objects([previous], HANDOFF)[previous]
+        if self.micro_batches > 1:
+            return self._pipelined(step, active, stop_requested, start)
         uploads = self.transport.recv_tensors(active, TRAIN, self.kinds_up)
-        stopping = stop_requested or any(msgs[0].flag == STOP for msgs in uploads.values())
-        out, mask, targets, h = self._forward(uploads, step, requires_grad=True)
+        self._stopping = stop_requested or any(msgs[0].flag == STOP for msgs in uploads.values())
+        out, _, targets, h = self._forward(uploads, step, requires_grad=True)
         try:
             if self.label_private:
                 loss = self._client_loss(step, out, targets, h)
@@ -152,13 +156,47 @@ class Server:
         except Diverged:  # every client must stop too, before it updates anything
             self._reply(step, {r: torch.zeros_like(x) for r, x in h.items()}, DIVERGED)
             raise
-        self._reply(step, {r: x.grad for r, x in h.items()}, STOP if stopping else CONTINUE)
-        tokens = int(mask.sum())
+        self._reply(step, {r: x.grad for r, x in h.items()}, STOP if self._stopping else CONTINUE)
+        return self._count(step, start, loss, {r: msgs[wire_parts(self.wire)].tensor for r, msgs in uploads.items()})
+
+    def _count(self, step: int, start: float, loss: float, sides: dict[int, torch.Tensor]) -> tuple[float, int, bool]:
+        """Token counts of a finished step (from each client's mask), metrics; returns
+        (loss, tokens, whether every rank stops after this step)."""
+        per_client = {r: int(side[0].sum()) for r, side in sides.items()}
+        for r, n in per_client.items():
+            self.tokens_since_average[r] += n
+        tokens = sum(per_client.values())
         self.tokens += tokens
-        for r, msgs in uploads.items():
-            self.tokens_since_average[r] += int(msgs[wire_parts(self.wire)].tensor[0].sum())
         self.transport.metrics.step(step, time.perf_counter() - start, tokens, loss)
-        return loss, tokens, stopping
+        return loss, tokens, self._stopping
+
+    def _pipelined(self, step: int, active: list[int], stop_requested: bool, start: float) -> tuple[float, int, bool]:
+        """Micro-batches: with every client's labels in hand (the step's target count), each
+        micro-batch is forwarded, backpropagated and its gradients returned as soon as it has
+        arrived from all clients; one optimizer step at the end. The last reply carries the flag."""
+        sides = {r: msgs[0] for r, msgs in self.transport.recv_tensors(active, TRAIN, ["labels"]).items()}
+        self._stopping = stop_requested or any(m.flag == STOP for m in sides.values())
+        total = sum(int((m.tensor[1][:, 1:] != IGNORE).sum()) for m in sides.values())
+        chunks = {r: m.tensor.chunk(self.micro_batches, dim=1) for r, m in sides.items()}
+        loss_sum, replies = 0.0, []
+        for i in range(self.micro_batches):
+            uploads = self.transport.recv_tensors(active, TRAIN, self.kinds_up[:-1])
+            uploads = {r: msgs + [Message(step, chunks[r][i])] for r, msgs in uploads.items()}
+            out, _, targets, h = self._forward(uploads, step, requires_grad=True)
+            part_sum, _ = lm_loss_sum(out, targets, self.cfg.train.label_smoothing)
+            loss_sum += float(part_sum.detach())
+            (part_sum / total).backward()
+            if i < self.micro_batches - 1:  # (not waiting: the clients finish sending before they receive)
+                replies.append(self._reply(step, {r: x.grad for r, x in h.items()}, CONTINUE, wait=False))
+        for wait in replies:
+            wait()
+        loss = loss_sum / total
+        if not math.isfinite(loss):  # the clients have not stepped: the last reply stops them
+            self._reply(step, {r: torch.zeros_like(x) for r, x in h.items()}, DIVERGED)
+            raise Diverged(step, loss)
+        self.trainer.step()
+        self._reply(step, {r: x.grad for r, x in h.items()}, STOP if self._stopping else CONTINUE)
+        return self._count(step, start, loss, {r: m.tensor for r, m in sides.items()})
 
     def _client_loss(self, step: int, out: torch.Tensor, targets: torch.Tensor, h: dict[int, torch.Tensor]) -> float:
         """Label privacy: each client gets its rows of the output (and the batch's target count),
@@ -190,8 +228,13 @@ class Server:
     def _encoded(self, t: torch.Tensor, kind: str) -> list[tuple[torch.Tensor, str]]:
         return [(x, kind) for x in encode(t, self.wire)]
 
-    def _reply(self, step: int, grads: dict[int, torch.Tensor], flag: int) -> None:
-        self.transport.send_tensors(TRAIN, step, {r: self._encoded(g, "gradients") for r, g in grads.items()}, flag)
+    def _reply(self, step: int, grads: dict[int, torch.Tensor], flag: int, wait: bool = True) -> Callable[[], None]:
+        """Each client the gradient of the activations it sent; returns the wait for completion."""
+        messages = {r: self._encoded(g, "gradients") for r, g in grads.items()}
+        done = self.transport.isend_tensors(TRAIN, step, messages, flag)
+        if wait:
+            done()
+        return done
 
     @torch.no_grad()
     def evaluate(self, step: int) -> float:

@@ -61,11 +61,17 @@ def test_model_config_with_model_type_replaces_default(tmp_path):
         ("train.eval_every=7", "train.eval_every", "multiple of train.aggregate_every"),
         ("model.config.model_type=bert", "model.config.model_type", "one of gpt2"),
         ("lora.dropout=1", "lora.dropout", "< 1"),
+        ("split.client_layers=[1, 0]", "split.client_layers", "integers ≥ 1"),
+        ("split.client_layers=[1, 2] ; run.mode=sl", "split.client_layers", "run.mode splitlora"),
+        ("split.label_private=true ; run.mode=fedlora", "split.label_private", "splitlora / sl"),
+        ("split.tail_layers=1", "split.tail_layers", "split.label_private"),
+        ("comm.micro_batches=2 ; split.label_private=true", "comm.micro_batches", "expected 1"),
+        ("comm.micro_batches=5", "comm.micro_batches", "≤ train.batch_size"),
     ],
 )
 def test_bad_values_name_the_key(override, key, expected):
     with pytest.raises(ConfigError) as e:
-        load_config(overrides=[override])
+        load_config(overrides=override.split(" ; "))
     assert f"'{key}'" in str(e.value) and expected in str(e.value)
     assert "\n" not in str(e.value)
 

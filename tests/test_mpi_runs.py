@@ -349,3 +349,15 @@ def test_clients_with_their_own_cut_points(tmp_path):
     assert shared and all(torch.equal(far[k], server[k]) for k in shared)
     assert s["client_trainable_params"] == sum(v.numel() for v in far.values())
     assert _adapter(out).keys() == {*far, *server}
+
+
+def test_micro_batches_pipeline_the_same_training(tmp_path, wire_runs):
+    """comm.micro_batches=2: the same losses and adapters as whole batches, the same tensor
+    bytes (the labels go first, the activations in two halves)."""
+    out = _run(tmp_path, "splitlora", 3, "--set", "comm.micro_batches=2")
+    plain = wire_runs["float32"]
+    _assert_same_training(out, plain)
+    s, p = _summary(out), _summary(plain)
+    for kind in ("activations", "gradients", "labels"):
+        assert s["bytes"][kind] == p["bytes"][kind], kind
+    assert s["bytes"]["control"] > p["bytes"]["control"]  # one more header per micro-batch and direction
