@@ -1,6 +1,6 @@
-"""Systems benchmarks of issue 7: split overhead, protocol vs raw MPI throughput, scaling, memory.
+"""Systems benchmarks: split overhead, protocol vs raw MPI throughput, scaling, overlap, memory.
 
-    python benchmarks/systems.py [--only overhead throughput scaling memory] [--out-dir benchmarks/results]
+    python benchmarks/systems.py [--only overhead throughput scaling overlap memory] [--out-dir benchmarks/results]
 
 - overhead: 1 client + server (mpirun -n 2) vs central, one thread per rank, same work;
   throughput ratio split / central (target >= 0.95). Runs interleaved, 2 repeats.
@@ -8,9 +8,10 @@
   raw mpi4py Send/Recv of the same bytes (target >= 0.9).
 - scaling: splitlora with 1, 2, 4, 8 clients and sl with 8 clients, the same rows in all;
   training time and speed-up over sl (target: 8-client splitlora >= 3x sl).
+- overlap: the scaling setup with 4 and 8 clients and comm.micro_batches 1, 2, 4.
 - memory: GPT-2-small-sized random-init model (768 x 12, BPE vocabulary): peak RSS of a
   splitlora client (1 block) vs central (target <= 0.55).
-Writes systems.json and systems.md.
+Writes systems.json (sections not run are kept from the previous file) and systems.md.
 """
 
 from __future__ import annotations
@@ -154,6 +155,24 @@ def scaling(work: Path) -> dict:
     return {"rows": rows, "runs": runs, "speedup_8_clients": best, "target": ">= 3", "pass": best >= 3}
 
 
+def overlap(work: Path) -> dict:
+    """Micro-batches (comm.micro_batches) on the scaling setup: 4 and 8 clients, same rows."""
+    rows = 8 * 4 * 40
+    base = {"train.batch_size": 4, "train.eval_every": 0, "train.warmup_steps": 0, "train.aggregate_every": 10}
+    runs = {}
+    for n in (4, 8):
+        steps = rows // (4 * n)
+        for m in (1, 2, 4):
+            s = run_job("splitlora", n, work, {**base, "train.steps": steps, "train.log_every": steps,
+                                               "comm.micro_batches": m})  # fmt: skip
+            runs[f"{n} clients, {m} micro-batches"] = {"clients": n, "micro_batches": m, "wall_s": s["wall_s"],
+                                                       "tokens_per_s": s["tokens_per_s"]}  # fmt: skip
+            print(f"overlap: {n} clients {m} micro-batches {s['wall_s']:.1f} s", flush=True)
+    for r in runs.values():
+        r["speedup_vs_1"] = runs[f"{r['clients']} clients, 1 micro-batches"]["wall_s"] / r["wall_s"]
+    return {"rows": rows, "runs": runs}
+
+
 def memory(work: Path) -> dict:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from paper_convergence import bpe_tokenizer
@@ -186,6 +205,10 @@ def markdown(result: dict) -> str:
             last = name == "splitlora-8"
             rows.append((f"scaling {name}: {r['wall_s']:.1f} s; speed-up vs sl-8", f"{r['speedup_vs_sl']:.2f}",
                          "≥ 3" if last else "", sc["pass"] if last else ""))  # fmt: skip
+    if "overlap" in result:
+        for name, r in result["overlap"]["runs"].items():
+            if r["micro_batches"] > 1:
+                rows.append((f"overlap {name}: {r['wall_s']:.1f} s; speed-up vs 1", f"{r['speedup_vs_1']:.2f}", "", ""))
     if "memory" in result:
         r = result["memory"]
         mb = f"{r['client_peak_rss_mb']:.0f} / {r['central_peak_rss_mb']:.0f} MB"
@@ -198,15 +221,17 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_pingpong":
         return pingpong([int(x) for x in sys.argv[2:]])
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", nargs="+", default=["overhead", "throughput", "scaling", "memory"])
+    p.add_argument("--only", nargs="+", default=["overhead", "throughput", "scaling", "overlap", "memory"])
     p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args()
-    benches = {"overhead": overhead, "throughput": throughput, "scaling": scaling, "memory": memory}
-    result: dict = {
+    benches = {"overhead": overhead, "throughput": throughput, "scaling": scaling, "overlap": overlap, "memory": memory}
+    previous = args.out_dir / "systems.json"  # --only updates those sections, keeps the others
+    result: dict = json.loads(previous.read_text()) if previous.exists() else {}
+    result.update({
         "benchmark": "systems",
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "command": " ".join(sys.argv),
-    }
+    })  # fmt: skip
+    result.setdefault("commands", {})[" ".join(args.only)] = " ".join(sys.argv)
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.only:
             result[name] = benches[name](Path(tmp))

@@ -114,9 +114,9 @@ class Server:
 
     def _forward(
         self, uploads: dict[int, list[Message]], step: int, requires_grad: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
         """The server part over every upload (clients that share a cut point form one batch):
-        (output, mask, labels or the clients' target counts, the activations per client)."""
+        (output, labels or the clients' target counts, the activations per client)."""
         for rank, msgs in uploads.items():
             if msgs[0].step != step:
                 raise RuntimeError(f"rank 0: rank {rank} sent activations of step {msgs[0].step} during step {step}")
@@ -134,7 +134,7 @@ class Server:
             inputs.append((cut, torch.cat([h[r] for r in group]), mask[at : at + size]))
             at += size
         targets = torch.cat([uploads[r][n + 1].tensor for r in order]) if self.label_private else side[1]
-        return self.part.forward_joined(inputs), mask, targets, h
+        return self.part.forward_joined(inputs), targets, h
 
     def train_step(self, step: int, stop_requested: bool = False) -> tuple[float, int, bool]:
         start = time.perf_counter()
@@ -146,7 +146,7 @@ class Server:
             return self._pipelined(step, active, stop_requested, start)
         uploads = self.transport.recv_tensors(active, TRAIN, self.kinds_up)
         self._stopping = stop_requested or any(msgs[0].flag == STOP for msgs in uploads.values())
-        out, _, targets, h = self._forward(uploads, step, requires_grad=True)
+        out, targets, h = self._forward(uploads, step, requires_grad=True)
         try:
             if self.label_private:
                 loss = self._client_loss(step, out, targets, h)
@@ -182,7 +182,7 @@ class Server:
         for i in range(self.micro_batches):
             uploads = self.transport.recv_tensors(active, TRAIN, self.kinds_up[:-1])
             uploads = {r: msgs + [Message(step, chunks[r][i])] for r, msgs in uploads.items()}
-            out, _, targets, h = self._forward(uploads, step, requires_grad=True)
+            out, targets, h = self._forward(uploads, step, requires_grad=True)
             part_sum, _ = lm_loss_sum(out, targets, self.cfg.train.label_smoothing)
             loss_sum += float(part_sum.detach())
             (part_sum / total).backward()
@@ -246,7 +246,7 @@ class Server:
         total, count = 0.0, 0
         for r in range(max(batches.values())):
             senders = [c for c in active if batches[c] > r]
-            out, _, targets, h = self._forward(self.transport.recv_tensors(senders, EVAL, self.kinds_up), step, False)
+            out, targets, h = self._forward(self.transport.recv_tensors(senders, EVAL, self.kinds_up), step, False)
             if self.label_private:  # the clients score their rows and send (loss sum, targets)
                 outputs = dict(zip(h, out.split([x.shape[0] for x in h.values()])))
                 self.transport.send_tensors(EVAL_TAIL, step, {c: self._encoded(o, "activations")

@@ -145,17 +145,18 @@ def test_a_killed_job_resumes_from_its_last_checkpoint_bit_exact(tmp_path, strai
 
 def test_central_stops_on_sigterm_and_resumes_bit_exact(tmp_path):
     central = [*FAST, "--set", "run.mode=central", "--set", "checkpoint.every=50"]
-    r = run_cmd(splitlora(*central, "--set", "run.out_dir=straight"), cwd=tmp_path, timeout=300)
+    one_thread = {"OMP_NUM_THREADS": "1"}  # tiny matrices: 2 threads are several times slower on a busy machine
+    r = run_cmd(splitlora(*central, "--set", "run.out_dir=straight"), cwd=tmp_path, timeout=300, env=one_thread)
     assert r.returncode == 0, r.stderr[-2000:]
     proc = subprocess.Popen(splitlora(*central, "--set", "run.out_dir=run"), cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **one_thread})  # fmt: skip
     _wait_for_step(proc, tmp_path / "run" / "metrics.jsonl", 23)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143 and "signal 15: stopping after this step" in err, err[-2000:]
     step = int(err.split("stopped by a signal after step ")[1].split(";")[0])
     assert f"checkpoint run/checkpoints/step-{step:08d}: 1 rank files" in out
-    r = run_cmd(splitlora(*central, "--set", "run.out_dir=run"), cwd=tmp_path, timeout=300)
+    r = run_cmd(splitlora(*central, "--set", "run.out_dir=run"), cwd=tmp_path, timeout=300, env=one_thread)
     assert r.returncode == 0 and f"central: resuming from run/checkpoints/step-{step:08d}" in r.stdout, r.stderr
     _assert_same_run(tmp_path / "straight", tmp_path / "run")
 

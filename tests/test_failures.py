@@ -83,7 +83,8 @@ def test_bad_input_is_one_line_exit_2_and_harmless(case, tmp_path):
     previous.mkdir(parents=True)
     _write(previous / "summary.json", SENTINEL)
     start = time.monotonic()
-    r = run_cmd(splitlora(*args, ranks=RANKS), cwd=tmp_path, timeout=60)
+    ranks = RANKS if case == "fewer examples than clients" else 2  # (fewer ranks start faster on 2 cores)
+    r = run_cmd(splitlora(*args, ranks=ranks), cwd=tmp_path, timeout=60)
     elapsed = time.monotonic() - start
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     lines = [line for line in r.stderr.splitlines() if line.strip()]
