@@ -1,6 +1,6 @@
 """Multi-host MPI on one machine: one network namespace per host, real TCP between them.
 
-    python benchmarks/multihost.py bench [--profiles 0,200,50,10] [--steps 40]   # time to target per link
+    python benchmarks/multihost.py bench [--profiles 200,50,10,2,50/25] [--steps 32]   # time to target per link
     python benchmarks/multihost.py wire         # bytes on each client's veth vs the job's byte counters
     python benchmarks/multihost.py transport    # which netmod settings cross the links; eager threshold
     python benchmarks/multihost.py cleanup      # remove what a harness killed with -9 left behind
@@ -12,8 +12,9 @@ documentation range 198.51.100.0/24 (TEST-NET-2; 192.0.2.0/24 is this sandbox's 
 host i has 198.51.100.(10+i), the root end of every link 198.51.100.1. mpiexec starts its
 proxies through hydra's ssh launcher with a script that runs `ip netns exec HOST unshare
 --uts` instead of ssh; the hostfile names hosts by address, so nothing waits for DNS. Links
-can be rate limited (tc tbf) and lossy (a classic-BPF random drop on the clsact egress hook:
-netem is not available here).
+can be rate limited (tc tbf), lossy (a classic-BPF random drop on the clsact egress hook) and
+slow (a user-space delay line on a TUN device in the router, see DelayLine): netem, the usual
+tool for loss and delay, is not built into this kernel.
 Everything created is removed on exit, also on exceptions, SIGINT and SIGTERM; a harness
 killed with -9 is cleaned up by the next one (or by `cleanup`).
 """
@@ -25,16 +26,19 @@ import ctypes
 import fcntl
 import json
 import os
+import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +48,7 @@ PREFIX = "slm-"
 NET = "198.51.100."  # RFC 5737 TEST-NET-2; must be unused on this machine
 ROUTER = NET + "1"  # the root end of every link: the hosts' gateway and mpiexec's address
 IFACE = "eth0"  # each host's link, inside its namespace
+RULES = 20000  # policy rule preferences (and table ids) of the delay lines: RULES .. RULES + 999
 STATE = Path("/run/slm-multihost")  # lock + the ip_forward value to restore after a kill -9
 # What makes MPICH use the links: its default netmod (UCX) sees namespaces on one kernel as
 # one machine and moves data through shared memory. OMP_NUM_THREADS: 1 thread per rank,
@@ -99,6 +104,7 @@ class Link:
 
     rate_mbit: float = 0.0  # 0 = unshaped (veth: several Gbit/s here)
     loss_pct: float = 0.0  # packets dropped at random
+    delay_ms: float = 0.0  # added to every packet, each way (round trip: twice this)
 
 
 @dataclass(frozen=True)
@@ -123,6 +129,7 @@ class Network:
     workdir: Path
     hosts: list[Host] = field(init=False)
     _undo: list[Callable[[], object]] = field(default_factory=list)
+    _delays: dict[str, DelayLine] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         names = ["srv"] + [f"c{i}" for i in range(1, self.clients + 1)]
@@ -164,11 +171,17 @@ class Network:
         launcher.chmod(0o755)
 
     def _routes(self, h: Host) -> None:
-        sh("ip", "route", "replace", f"{h.addr}/32", "dev", h.name)
+        """The root namespace's route to a host: its link, or its delay line when it has one."""
+        if h.name in self._delays:
+            self._delays[h.name].routes()
+        else:
+            sh("ip", "route", "replace", f"{h.addr}/32", "dev", h.name)
 
     def destroy(self) -> list[str]:
         """Undo everything in reverse order; returns what could not be undone."""
         failed = []
+        while self._delays:
+            self._delays.popitem()[1].close()
         while self._undo:
             try:
                 self._undo.pop()()
@@ -177,7 +190,13 @@ class Network:
         return failed
 
     def shape(self, host: str, link: Link) -> None:
-        """Rate limit and random loss on both ends' egress of the host's link (replacing any)."""
+        """Rate limit, random loss and delay on the host's link, both directions (replacing any)."""
+        if host in self._delays:
+            self._delays.pop(host).close()
+        h = next(h for h in self.hosts if h.name == host)
+        if link.delay_ms:
+            self._delays[host] = DelayLine(h, self.hosts.index(h), link.delay_ms / 1e3)
+        self._routes(h)
         for ns, dev in ((None, host), (host, IFACE)):
             _tc(ns, "qdisc", "del", "dev", dev, "root", check=False)
             _tc(ns, "qdisc", "del", "dev", dev, "clsact", check=False)
@@ -251,6 +270,60 @@ class Network:
         return body.decode() if head.split(b" ")[1:2] == [b"200"] else None
 
 
+class DelayLine:
+    """A fixed delay on one host's link, without netem: the root namespace routes the host's
+    packets, both ways, through a TUN device whose reader holds each packet `delay_s` and writes
+    it back; the kernel then forwards it as if it had arrived on the TUN device, where a policy
+    rule by incoming interface sends it on to its destination instead of round again."""
+
+    def __init__(self, host: Host, index: int, delay_s: float) -> None:
+        self.host, self.name, self.delay_s = host, f"{host.name}-d", delay_s
+        self.inbound, self.outbound = RULES + 2 * index, RULES + 2 * index + 1  # rule pref = table id
+        self._stop = threading.Event()
+        self._fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)  # the device lives while this fd does
+        try:
+            fcntl.ioctl(self._fd, _TUNSETIFF, struct.pack("16sH", self.name.encode(), _IFF_TUN | _IFF_NO_PI))
+            sh("ip", "link", "set", self.name, "addrgenmode", "none")
+            sh("ip", "link", "set", self.name, "up")
+            Path(f"/proc/sys/net/ipv4/conf/{self.name}/rp_filter").write_text("0\n")  # packets of any source
+            sh("ip", "route", "add", "default", "dev", self.name, "table", str(self.outbound))
+            sh("ip", "rule", "add", "pref", str(self.outbound), "iif", host.name, "lookup", str(self.outbound))
+            sh("ip", "rule", "add", "pref", str(self.inbound), "iif", self.name, "lookup", str(self.inbound))
+            self.routes()
+        except Exception:
+            self.close()
+            raise
+        self._thread = threading.Thread(target=self._relay, name=self.name, daemon=True)
+        self._thread.start()
+
+    def routes(self) -> None:
+        """Towards the host: into the line; out of the line: the host's link (which takes its
+        routes with it when it goes down)."""
+        sh("ip", "route", "replace", f"{self.host.addr}/32", "dev", self.name)
+        sh("ip", "route", "replace", f"{self.host.addr}/32", "dev", self.host.name, "table", str(self.inbound))
+
+    def _relay(self) -> None:
+        held: deque[tuple[float, bytes]] = deque()  # one fixed delay: due times stay in arrival order
+        while not self._stop.is_set():
+            wait = held[0][0] - time.monotonic() if held else 0.1
+            if select.select([self._fd], [], [], max(wait, 0.0))[0]:
+                due = time.monotonic() + self.delay_s
+                with suppress(BlockingIOError):
+                    while True:
+                        held.append((due, os.read(self._fd, 65536)))
+            now = time.monotonic()
+            while held and held[0][0] <= now:
+                with suppress(OSError):  # a packet the kernel refuses is lost, as on a wire
+                    os.write(self._fd, held.popleft()[1])
+
+    def close(self) -> None:
+        self._stop.set()
+        if hasattr(self, "_thread"):
+            self._thread.join()
+        _remove_rules((self.inbound, self.outbound))
+        os.close(self._fd)
+
+
 @contextmanager
 def network(clients: int, links: Mapping[str, Link] | None = None) -> Iterator[Network]:
     """A server host and `clients` client hosts, removed again whatever happens inside."""
@@ -288,9 +361,11 @@ def leftovers() -> list[str]:
     """Namespaces and interfaces of ours that still exist (empty after a clean exit)."""
     names = sh("ip", "netns", "list").stdout.split()
     links = sh("ip", "-o", "link", "show").stdout.splitlines()
-    return [n for n in names if n.startswith(PREFIX)] + [
-        line.split(":")[1].strip().split("@")[0] for line in links if line.split(":")[1].strip().startswith(PREFIX)
-    ]
+    return (
+        [n for n in names if n.startswith(PREFIX)]
+        + [line.split(":")[1].strip().split("@")[0] for line in links if line.split(":")[1].strip().startswith(PREFIX)]
+        + [f"rule {pref}" for pref in _rules()]
+    )
 
 
 def cleanup_stale() -> list[str]:
@@ -306,10 +381,12 @@ def cleanup_stale() -> list[str]:
     for workdir in STATE.glob("net-*"):
         shutil.rmtree(workdir, ignore_errors=True)
     stale = leftovers()
+    _remove_rules(_rules())
     for name in stale:
         if name in sh("ip", "netns", "list").stdout.split():
             _remove_namespace(name)
-        sh("ip", "link", "del", name, check=False)
+        elif not name.startswith("rule "):
+            sh("ip", "link", "del", name, check=False)
     _forward_restore()
     return stale
 
@@ -323,6 +400,18 @@ def _ip(ns: str | None, *args: str) -> None:
 
 def _tc(ns: str | None, *args: str, check: bool = True) -> None:
     sh(*(["ip", "netns", "exec", ns] if ns else []), "tc", *args, check=check)
+
+
+def _rules() -> list[int]:
+    """Preferences of our policy rules (delay lines) in the root namespace."""
+    prefs = [int(line.split(":")[0]) for line in sh("ip", "rule", "list").stdout.splitlines()]
+    return [p for p in prefs if RULES <= p < RULES + 1000]
+
+
+def _remove_rules(prefs: Sequence[int]) -> None:
+    for pref in prefs:
+        sh("ip", "rule", "del", "pref", str(pref), check=False)
+        sh("ip", "route", "flush", "table", str(pref), check=False)
 
 
 def _drop_program(loss_pct: float) -> str:
@@ -382,6 +471,7 @@ def _exit_on_signal(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+_TUNSETIFF, _IFF_TUN, _IFF_NO_PI = 0x400454CA, 0x0001, 0x1000
 _libc = ctypes.CDLL(None, use_errno=True)
 _CLONE_NEWNET = 0x40000000
 
@@ -559,20 +649,31 @@ MODEL = ("{model_type: gpt2, n_embd: 128, n_layer: 4, n_head: 4, n_positions: 12
          "resid_pdrop: 0.0, embd_pdrop: 0.0, attn_pdrop: 0.0}")  # fmt: skip
 
 
+def profile(text: str) -> Link:
+    """A link profile as written on the command line: RATE (Mbit/s) or RATE/DELAY (ms, each way)."""
+    rate, _, delay = text.partition("/")
+    return Link(rate_mbit=float(rate), delay_ms=float(delay or 0))
+
+
+def profile_name(link: Link) -> str:
+    return f"{link.rate_mbit:g}mbit" + (f"-{link.delay_ms:g}ms" if link.delay_ms else "")
+
+
 def bench(args: argparse.Namespace) -> None:
-    """splitlora, fedlora and sl on real E2E data with every client link at each rate: wall
-    time, time to a target validation loss, bytes per client per round (counted and on the wire)."""
-    profiles = [float(x) for x in args.profiles.split(",")]
+    """splitlora, fedlora and sl on real E2E data with every client link shaped by each
+    profile: wall time, time to a target validation loss, bytes per client per round
+    (counted and on the wire)."""
+    profiles = [profile(p) for p in args.profiles.split(",")]
     keep = args.out_dir / "multihost_runs"
     if not args.reuse:
         shutil.rmtree(keep, ignore_errors=True)
         with tempfile.TemporaryDirectory() as tmp, network(args.clients) as net:
             tok, val = _bench_data(Path(tmp), args.test_every)
-            for mbit in profiles:
+            for link in profiles:
                 for host in net.client_hosts:
-                    net.shape(host, Link(rate_mbit=mbit))
+                    net.shape(host, link)
                 for mode in MODES:
-                    _bench_run(net, args, mode, mbit, tok, val, Path(tmp) / f"{mode}-{mbit:g}", keep)
+                    _bench_run(net, args, mode, link, tok, val, Path(tmp) / f"{mode}-{profile_name(link)}", keep)
     _bench_report(args, profiles, keep)
 
 
@@ -585,7 +686,7 @@ def _bench_data(work: Path, test_every: int) -> tuple[Path, Path]:
     return tok, test_subset(work, test_every)
 
 
-def _bench_run(net: Network, args: argparse.Namespace, mode: str, mbit: float, tok: Path, val: Path, out: Path,
+def _bench_run(net: Network, args: argparse.Namespace, mode: str, link: Link, tok: Path, val: Path, out: Path,
                keep: Path) -> None:  # fmt: skip
     from paper_convergence import SHARED
 
@@ -599,12 +700,13 @@ def _bench_run(net: Network, args: argparse.Namespace, mode: str, mbit: float, t
     )  # fmt: skip
     before = {h: net.counters(h) for h in net.client_hosts}
     load_before = os.getloadavg()[0]
-    print(f"{mode} at {mbit:g} Mbit/s: running", flush=True)
+    where = f"{mode} at {profile_name(link)}"
+    print(f"{where}: running", flush=True)
     job = net.run(net.mpirun(cmd), timeout=1800)
     if job.returncode:
-        sys.exit(f"{mode} at {mbit:g} Mbit/s failed ({job.returncode}):\n{job.stderr[-3000:]}")
+        sys.exit(f"{where} failed ({job.returncode}):\n{job.stderr[-3000:]}")
     wire_bytes = {h: sum(net.counters(h)[k] - before[h][k] for k in ("tx_bytes", "rx_bytes")) for h in before}
-    dest = keep / f"{mbit:g}mbit" / mode
+    dest = keep / profile_name(link) / mode
     dest.mkdir(parents=True)
     for name in ("config.yaml", "metrics.jsonl", "summary.json"):
         shutil.copy(out / name, dest / name)
@@ -616,27 +718,28 @@ def _bench_run(net: Network, args: argparse.Namespace, mode: str, mbit: float, t
     }  # fmt: skip  (the job's 3 ranks alone: ~2-3)
     (dest / "job.json").write_text(json.dumps(info, indent=2) + "\n")
     s = json.loads((out / "summary.json").read_text())
-    print(f"{mode} at {mbit:g} Mbit/s: val {s['final_val_loss']:.4f}, {s['wall_s']:.1f} s training, "
+    print(f"{where}: val {s['final_val_loss']:.4f}, {s['wall_s']:.1f} s training, "
           f"{job.wall_s:.1f} s job", flush=True)  # fmt: skip
     shutil.rmtree(out)
 
 
-def _bench_report(args: argparse.Namespace, profiles: list[float], keep: Path) -> None:
+def _bench_report(args: argparse.Namespace, profiles: list[Link], keep: Path) -> None:
     from splitlora_mpi.plot import paper_name, time_to_target
 
-    def load(mbit: float, mode: str, name: str) -> dict:
-        return json.loads((keep / f"{mbit:g}mbit" / mode / name).read_text())
+    def load(link: Link, mode: str, name: str) -> dict:
+        return json.loads((keep / profile_name(link) / mode / name).read_text())
 
-    fastest = max(profiles)
+    fastest = profiles[0]
     target = max(load(fastest, m, "summary.json")["final_val_loss"] for m in MODES)
     rows = []
-    for mbit in profiles:
+    for link in profiles:
         for mode in MODES:
-            s, job = load(mbit, mode, "summary.json"), load(mbit, mode, "job.json")
-            hit = time_to_target(keep / f"{mbit:g}mbit" / mode, target)
+            s, job = load(link, mode, "summary.json"), load(link, mode, "job.json")
+            hit = time_to_target(keep / profile_name(link) / mode, target)
             rounds = max(1, s["steps"] // args.aggregate_every)
             rows.append({
-                "mode": mode, "link_mbit": mbit, "final_val_loss": s["final_val_loss"], "tokens": s["tokens"],
+                "mode": mode, "link_mbit": link.rate_mbit, "delay_ms": link.delay_ms,
+                "final_val_loss": s["final_val_loss"], "tokens": s["tokens"],
                 "train_wall_s": s["wall_s"], "job_wall_s": job["job_wall_s"],
                 "time_to_target_s": hit["wall_s"] if hit else None, "rounds": rounds,
                 "counted_bytes_per_client_per_round": sum(s["bytes"].values()) / args.clients / rounds,
@@ -648,21 +751,23 @@ def _bench_report(args: argparse.Namespace, profiles: list[float], keep: Path) -
     table = _bench_table(rows, target, paper_name)
     (args.out_dir / "multihost.md").write_text(table)
     print(table)
+    rule = f"worst final validation loss among the modes at {profile_name(fastest)}"
     write_json(args.out_dir / "multihost.json", {
         "benchmark": "multihost", "machine": machine(), "args": {k: str(v) for k, v in vars(args).items()},
-        "target_val_loss": target, "target_rule": f"worst final validation loss among the modes at {fastest:g} Mbit/s",
+        "target_val_loss": target, "target_rule": rule,
         "runs": rows, "figure": png.name,
     })  # fmt: skip
 
 
 def _bench_table(rows: list[dict], target: float, name: Callable[[str], str]) -> str:
-    lines = [f"| scheme | link Mbit/s | final val loss | training s | to val {target:.4f}: s | job s (with start-up) "
-             "| kB / client / round (counted) | kB / client / round (on the link) |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [f"| scheme | link Mbit/s | delay ms (each way) | final val loss | training s | to val {target:.4f}: s "
+             "| job s (with start-up) | kB / client / round (counted) | kB / client / round (on the link) |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         tt = f"{r['time_to_target_s']:.1f}" if r["time_to_target_s"] is not None else "not reached"
-        lines.append(f"| {name(r['mode'])} | {r['link_mbit']:g} | {r['final_val_loss']:.4f} | {r['train_wall_s']:.1f} "
-                     f"| {tt} | {r['job_wall_s']:.1f} | {r['counted_bytes_per_client_per_round'] / 1e3:.1f} "
+        lines.append(f"| {name(r['mode'])} | {r['link_mbit']:g} | {r['delay_ms']:g} | {r['final_val_loss']:.4f} "
+                     f"| {r['train_wall_s']:.1f} | {tt} | {r['job_wall_s']:.1f} "
+                     f"| {r['counted_bytes_per_client_per_round'] / 1e3:.1f} "
                      f"| {r['link_bytes_per_client_per_round'] / 1e3:.1f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
@@ -674,14 +779,17 @@ def _bench_plot(rows: list[dict], target: float, png: Path, name: Callable[[str]
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for mode in MODES:
-        pts = sorted((r["link_mbit"], r["time_to_target_s"]) for r in rows if r["mode"] == mode)
-        pts = [p for p in pts if p[1] is not None]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name(mode))
+    for i, mode in enumerate(MODES):
+        for j, delay in enumerate(sorted({r["delay_ms"] for r in rows})):
+            same = [r for r in rows if (r["mode"], r["delay_ms"]) == (mode, delay) and r["time_to_target_s"]]
+            pts = sorted((r["link_mbit"], r["time_to_target_s"]) for r in same)
+            label = name(mode) + (f", +{delay:g} ms each way" if delay else "")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="os^"[j % 3], ls=("-", "--", ":")[j % 3],
+                    color=f"C{i}", label=label)  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("client link rate, Mbit/s (tc tbf, each direction)")
     ax.set_ylabel(f"time to validation loss {target:.4f}, s")
-    ax.set_title("Time to target over rate-limited client links (2 clients, TCP)", fontsize=10)
+    ax.set_title("Time to target over shaped client links (2 clients, TCP)", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -711,7 +819,11 @@ def main() -> None:
     sub.add_parser("transport", help="netmod settings and eager threshold over TCP")
     b = sub.add_parser("bench", help="splitlora / fedlora / sl per link rate: time to target, bytes")
     b.add_argument("--clients", type=int, default=2)
-    b.add_argument("--profiles", default="200,50,10,2", help="client link rates in Mbit/s, fastest first")
+    b.add_argument(
+        "--profiles",
+        default="200,50,10,2,50/25,10/25",
+        help="client links, fastest first: RATE in Mbit/s, or RATE/DELAY with DELAY in ms each way",
+    )
     b.add_argument("--steps", type=int, default=32, help="splitlora / fedlora steps (sl: clients x)")
     b.add_argument("--batch-size", type=int, default=4)
     b.add_argument("--seq-len", type=int, default=64)

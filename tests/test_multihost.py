@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -97,16 +98,49 @@ def test_job_completes_with_packet_loss(tmp_path):
     assert dropped > 0
 
 
+def test_delay_line_adds_its_delay_each_way(tmp_path):
+    """A 25 ms delay on one client's link: a TCP round trip between the server's host and that
+    client's host takes 50 ms (plus a little), and reshaping without delay takes it away again."""
+
+    def round_trip_ms(net: mh.Network) -> float:
+        listener = mh._socket_in("slm-c1")
+        listener.bind(("0.0.0.0", 0))
+        listener.listen()
+        caller = mh._socket_in("slm-srv")
+        caller.connect((net.hosts[1].addr, listener.getsockname()[1]))
+        caller.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        answer, _ = listener.accept()
+        times = []
+        for _ in range(7):
+            start = time.perf_counter()
+            caller.sendall(b"x")
+            answer.sendall(answer.recv(1))
+            caller.recv(1)
+            times.append((time.perf_counter() - start) * 1e3)
+        for s in (answer, caller, listener):
+            s.close()
+        return sorted(times)[3]
+
+    with mh.network(1, {"slm-c1": mh.Link(delay_ms=25)}) as net:
+        delayed = round_trip_ms(net)
+        net.shape("slm-c1", mh.Link())
+        assert [x for x in mh.leftovers() if x.startswith("rule ") or x.endswith("-d")] == []
+        direct = round_trip_ms(net)
+    print(f"round trip: {delayed:.1f} ms with 25 ms each way, {direct:.2f} ms without")
+    assert 50 <= delayed < 60 and direct < 5
+    assert mh.leftovers() == []
+
+
 def test_everything_is_removed_after_an_error_a_sigterm_and_a_kill(tmp_path):
-    """No namespace, link or ip_forward change survives an exception, a SIGTERM of the harness
-    while a job runs, or (after the next start) a kill -9."""
+    """No namespace, link, delay line, policy rule or ip_forward change survives an exception,
+    a SIGTERM of the harness while a job runs, or (after the next start) a kill -9."""
     forward = _forward()
     with pytest.raises(RuntimeError, match="inside"):
         with mh.network(1):
             raise RuntimeError("inside")
     assert mh.leftovers() == [] and _forward() == forward
     script = ("import sys; sys.path.insert(0, sys.argv[1]); import multihost as mh\n"
-              "with mh.network(1) as net:\n"
+              "with mh.network(1, {'slm-c1': mh.Link(delay_ms=5)}) as net:\n"
               "    print('up', flush=True)\n"
               "    net.run(net.mpirun(['sleep', '97.25']), timeout=120)\n")  # fmt: skip
     for sig in (signal.SIGTERM, signal.SIGKILL):
