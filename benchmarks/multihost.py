@@ -285,7 +285,9 @@ class DelayLine:
             fcntl.ioctl(self._fd, _TUNSETIFF, struct.pack("16sH", self.name.encode(), _IFF_TUN | _IFF_NO_PI))
             sh("ip", "link", "set", self.name, "addrgenmode", "none")
             sh("ip", "link", "set", self.name, "up")
-            Path(f"/proc/sys/net/ipv4/conf/{self.name}/rp_filter").write_text("0\n")  # packets of any source
+            conf = Path(f"/proc/sys/net/ipv4/conf/{self.name}")
+            (conf / "rp_filter").write_text("0\n")  # packets of any source come out of the line,
+            (conf / "accept_local").write_text("1\n")  # the router's own (mpiexec's) included
             sh("ip", "route", "add", "default", "dev", self.name, "table", str(self.outbound))
             sh("ip", "rule", "add", "pref", str(self.outbound), "iif", host.name, "lookup", str(self.outbound))
             sh("ip", "rule", "add", "pref", str(self.inbound), "iif", self.name, "lookup", str(self.inbound))
@@ -664,9 +666,8 @@ def bench(args: argparse.Namespace) -> None:
     profile: wall time, time to a target validation loss, bytes per client per round
     (counted and on the wire)."""
     profiles = [profile(p) for p in args.profiles.split(",")]
-    keep = args.out_dir / "multihost_runs"
+    keep = args.out_dir / "multihost_runs"  # one directory per profile, replaced when run again
     if not args.reuse:
-        shutil.rmtree(keep, ignore_errors=True)
         with tempfile.TemporaryDirectory() as tmp, network(args.clients) as net:
             tok, val = _bench_data(Path(tmp), args.test_every)
             for link in profiles:
@@ -707,6 +708,7 @@ def _bench_run(net: Network, args: argparse.Namespace, mode: str, link: Link, to
         sys.exit(f"{where} failed ({job.returncode}):\n{job.stderr[-3000:]}")
     wire_bytes = {h: sum(net.counters(h)[k] - before[h][k] for k in ("tx_bytes", "rx_bytes")) for h in before}
     dest = keep / profile_name(link) / mode
+    shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
     for name in ("config.yaml", "metrics.jsonl", "summary.json"):
         shutil.copy(out / name, dest / name)
