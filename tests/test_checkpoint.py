@@ -21,7 +21,8 @@ from splitlora_mpi.config import ConfigError
 
 RANKS = 3
 # small rows and batches: many fast steps, so a signal lands mid-run
-FAST = ["--set", "train.steps=300", "--set", "train.aggregate_every=5", "--set", "train.eval_every=0",
+STEPS = 120  # long enough that a signal at step 23 or 37 lands well before the end
+FAST = ["--set", f"train.steps={STEPS}", "--set", "train.aggregate_every=5", "--set", "train.eval_every=0",
         "--set", "train.log_every=1", "--set", "data.max_seq_len=32", "--set", "train.batch_size=2"]  # fmt: skip
 
 
@@ -70,7 +71,7 @@ def _losses(out: Path) -> list[float]:
 
 
 def _assert_same_run(a: Path, b: Path) -> None:
-    assert _losses(a) == _losses(b) and len(_losses(a)) == 300
+    assert _losses(a) == _losses(b) and len(_losses(a)) == STEPS
     wa, wb = (
         load_file(a / "adapter" / "adapter_model.safetensors"),
         load_file(b / "adapter" / "adapter_model.safetensors"),
@@ -118,7 +119,7 @@ def test_sigterm_stops_with_a_checkpoint_and_the_resume_is_bit_exact(tmp_path, s
     stopped = [line for line in err.splitlines() if line.startswith("stopped:")]
     assert len(stopped) == 1 and "run the same command again to resume" in stopped[0]
     step = int(stopped[0].split("after step ")[1].split(";")[0])
-    assert 23 <= step < 300 and checkpoint.step_dir(tmp_path / "run", step).is_dir()
+    assert 23 <= step < STEPS and checkpoint.step_dir(tmp_path / "run", step).is_dir()
     r = run_cmd(splitlora(*FAST, "--set", "run.out_dir=run", "--set", f"run.mode={mode}", ranks=RANKS), cwd=tmp_path,
                 timeout=300)  # fmt: skip
     assert r.returncode == 0 and f"resuming from run/checkpoints/step-{step:08d}" in r.stdout, r.stderr[-2000:]
