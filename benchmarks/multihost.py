@@ -645,10 +645,6 @@ def transport(args: argparse.Namespace) -> None:
 
 
 MODES = ("splitlora", "fedlora", "sl")
-# paper_convergence's GPT-2 (128 wide, 4 blocks, GPT-2 BPE) without dropout: dropout masks are
-# not reproducible between runs, and every mode must follow the same losses at every link rate
-MODEL = ("{model_type: gpt2, n_embd: 128, n_layer: 4, n_head: 4, n_positions: 128, "
-         "resid_pdrop: 0.0, embd_pdrop: 0.0, attn_pdrop: 0.0}")  # fmt: skip
 
 
 def profile(text: str) -> Link:
@@ -669,7 +665,9 @@ def bench(args: argparse.Namespace) -> None:
     keep = args.out_dir / "multihost_runs"  # one directory per profile, replaced when run again
     if not args.reuse:
         with tempfile.TemporaryDirectory() as tmp, network(args.clients) as net:
-            tok, val = _bench_data(Path(tmp), args.test_every)
+            from paper_convergence import fast_bpe_tokenizer, test_subset
+
+            tok, val = fast_bpe_tokenizer(Path(tmp)), test_subset(Path(tmp), args.test_every)
             for link in profiles:
                 for host in net.client_hosts:
                     net.shape(host, link)
@@ -678,23 +676,15 @@ def bench(args: argparse.Namespace) -> None:
     _bench_report(args, profiles, keep)
 
 
-def _bench_data(work: Path, test_every: int) -> tuple[Path, Path]:
-    from paper_convergence import bpe_tokenizer, test_subset
-    from transformers import AutoTokenizer
-
-    tok = bpe_tokenizer(work)
-    AutoTokenizer.from_pretrained(tok).save_pretrained(tok)  # tokenizer.json: ~1 s to load instead of ~8 s
-    return tok, test_subset(work, test_every)
-
-
 def _bench_run(net: Network, args: argparse.Namespace, mode: str, link: Link, tok: Path, val: Path, out: Path,
                keep: Path) -> None:  # fmt: skip
-    from paper_convergence import SHARED
+    # paper_convergence's GPT-2 without dropout: every mode follows the same losses at every link
+    from paper_convergence import MODEL_NO_DROPOUT, SHARED
 
     n = args.clients
     steps, per_eval = (n * args.steps, n * args.eval_every) if mode == "sl" else (args.steps, args.eval_every)
     cmd = splitlora(
-        f"run.mode={mode}", f"run.out_dir={out}", f"model.config={MODEL}", f"model.tokenizer={tok}",
+        f"run.mode={mode}", f"run.out_dir={out}", f"model.config={MODEL_NO_DROPOUT}", f"model.tokenizer={tok}",
         f"data.train_path={SHARED / 'e2e' / 'valid.txt'}", f"data.val_path={val}", f"data.max_seq_len={args.seq_len}",
         f"train.steps={steps}", f"train.batch_size={args.batch_size}", f"train.warmup_steps={steps // 12}",
         f"train.aggregate_every={args.aggregate_every}", f"train.eval_every={per_eval}", "train.log_every=1",

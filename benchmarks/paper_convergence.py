@@ -29,6 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or "mpirun"
 MODEL = "{model_type: gpt2, n_embd: 128, n_layer: 4, n_head: 4, n_positions: 128}"
+# the same GPT-2 without dropout, for benchmarks whose runs must train identically (dropout
+# masks are not reproducible between runs): options.py, multihost.py
+MODEL_NO_DROPOUT = MODEL[:-1] + ", resid_pdrop: 0.0, embd_pdrop: 0.0, attn_pdrop: 0.0}"
 MODES = ("central", "splitlora", "sl", "fedlora")
 
 
@@ -39,6 +42,15 @@ def bpe_tokenizer(work: Path) -> Path:
     shutil.copy(SHARED / "gpt2-vocab" / "encoder.json", tok / "vocab.json")
     shutil.copy(SHARED / "gpt2-vocab" / "vocab.bpe", tok / "merges.txt")
     (tok / "tokenizer_config.json").write_text('{"tokenizer_class": "GPT2Tokenizer"}\n')
+    return tok
+
+
+def fast_bpe_tokenizer(work: Path) -> Path:
+    """bpe_tokenizer plus its tokenizer.json: each rank loads it in ~1 s instead of ~8 s."""
+    from transformers import AutoTokenizer
+
+    tok = bpe_tokenizer(work)
+    AutoTokenizer.from_pretrained(tok).save_pretrained(tok)
     return tok
 
 
