@@ -105,10 +105,16 @@ def blocks_of(cfg: JobConfig, n: int, role: Role, client: int = 0) -> list[int]:
 
 
 def build_base(
-    cfg: JobConfig, config: PretrainedConfig, role: Role, device: torch.device, client: int = 0
+    cfg: JobConfig,
+    config: PretrainedConfig,
+    role: Role,
+    device: torch.device,
+    client: int = 0,
+    tensors_read: list[str] | None = None,
 ) -> PreTrainedModel:
     """The HF model holding only `role`'s modules (all of them for "full"), weights filled;
-    `client`: which client (split points may differ per client)."""
+    `client`: which client (split points may differ per client). With pretrained weights the
+    checkpoint keys read are appended to `tensors_read`."""
     n = num_blocks(config)
     keep = blocks_of(cfg, n, role, client)
     positions = getattr(config, "max_position_embeddings", None)
@@ -126,7 +132,9 @@ def build_base(
         lm.tie_weights()  # to_empty gave the head its own storage
     _seeded_init(lm, cfg.run.seed, tied)
     if cfg.model.name_or_path is not None:
-        _load_tensors(lm, cfg.model.name_or_path, tied)
+        read = _load_tensors(lm, cfg.model.name_or_path, tied)
+        if tensors_read is not None:
+            tensors_read.extend(read)
     return lm.to(getattr(torch, cfg.model.dtype))
 
 
@@ -172,8 +180,8 @@ def _seeded_init(lm: PreTrainedModel, seed: int, tied: bool) -> None:
             lm._init_weights(module)
 
 
-def _load_tensors(lm: PreTrainedModel, name_or_path: str, tied: bool) -> None:
-    """Read only this side's tensors from the (possibly sharded) safetensors files."""
+def _load_tensors(lm: PreTrainedModel, name_or_path: str, tied: bool) -> list[str]:
+    """Read only this side's tensors from the (possibly sharded) safetensors files; returns their keys."""
     files = _safetensors_files(name_or_path)
     key_to_file: dict[str, Path] = {}
     for f in files:
@@ -183,6 +191,7 @@ def _load_tensors(lm: PreTrainedModel, name_or_path: str, tied: bool) -> None:
     head = lm.get_output_embeddings()
     wanted = dict(lm.named_parameters())
     wanted.update({n: b for n, b in lm.named_buffers() if n in lm.state_dict()})
+    read = []
     for name, tensor in wanted.items():
         key = name if name in key_to_file else name.removeprefix(prefix)
         if key not in key_to_file:
@@ -192,6 +201,8 @@ def _load_tensors(lm: PreTrainedModel, name_or_path: str, tied: bool) -> None:
         with safe_open(str(key_to_file[key]), "pt", device=str(tensor.device)) as sf:
             with torch.no_grad():
                 tensor.copy_(sf.get_tensor(key))
+        read.append(key)
+    return read
 
 
 def _safetensors_files(name_or_path: str) -> list[Path]:
@@ -236,7 +247,8 @@ class SplitPart(nn.Module):
         self.family = family_of(config)
         self.num_blocks = num_blocks(config)
         self.tail_start = self.num_blocks - (cfg.split.tail_layers if cfg.split.label_private else 0)
-        lm = build_base(cfg, config, role, device, client)
+        self.tensors_read: list[str] = []  # checkpoint keys this part read (pretrained weights)
+        lm = build_base(cfg, config, role, device, client, self.tensors_read)
         self.has_head = lm.get_output_embeddings() is not None
         self.cut = cfg.split.cut_of(client)  # (client: the blocks before the cut)
         with torch.random.fork_rng(devices=[]):  # same LoRA init on every client and in central

@@ -141,6 +141,18 @@ def _param_count(part: SplitPart) -> int:
     return sum(p.numel() for p in part.trainable_parameters())
 
 
+def _holdings(role: str, parts: list[SplitPart]) -> dict[str, Any]:
+    """What one rank holds, for summary.json `model_parts`: its blocks, its base (non-LoRA)
+    parameters counted once by name, and the checkpoint keys it read."""
+    base = {n: p.numel() for part in parts for n, p in part.peft.named_parameters() if "lora_" not in n}
+    return {
+        "role": role,
+        "blocks": sorted({b for part in parts for b in part.blocks_held()}),
+        "base_params": sum(base.values()),
+        "tensors_read": sorted({k for part in parts for k in part.tensors_read}),
+    }
+
+
 # ---------------------------------------------------------------- central
 
 
@@ -182,6 +194,7 @@ def _run_central(cfg: JobConfig, metrics: Metrics) -> None:
         tokens_by_client=[job.tokens],
         client_trainable_params=_param_count(client_part), server_trainable_params=_param_count(server_part),
         peak_rss_mb={"server": rss, "client_max": rss},
+        model_parts={"0": _holdings("central", [client_part, server_part])},
     ))  # fmt: skip
     _finish_metrics(cfg, metrics)
 
@@ -298,6 +311,7 @@ def _run_client(cfg: JobConfig, transport: Transport) -> None:
         "peak_rss_mb": _peak_rss_mb(),
         "trainable_params": sum(_param_count(p) for p in parts),
         "sent": transport.metrics.sent_by_kind(),
+        "holdings": _holdings("client", parts),
     }
     transport.send_object(SERVER, STATS, stats)
     transport.barrier("finishing")  # every rank's endpoint lingers over the same window
@@ -316,8 +330,10 @@ def _run_server(cfg: JobConfig, transport: Transport) -> None:
         device = _device(transport.local_rank)
         _check_cut_points(cfg, len(clients))
         part = SplitPart(cfg, config, "server", device)
+        held = [part]
         if cfg.run.mode == "fedlora":  # rank 0 evaluates the averaged whole model
             client_part = SplitPart(cfg, config, "client", device)
+            held.append(client_part)
             val = encode_examples(read_examples(_data_paths(cfg)[1], cfg.data.format), tok, cfg.data.max_seq_len,
                                   cfg.data.format)  # fmt: skip
         _serve_metrics(cfg, transport.metrics, transport.local_rank)
@@ -400,6 +416,9 @@ def _run_server(cfg: JobConfig, transport: Transport) -> None:
         client_trainable_params=max(s["trainable_params"] for s in stats.values()),
         server_trainable_params=0 if cfg.run.mode == "fedlora" else _param_count(part),
         peak_rss_mb={"server": _peak_rss_mb(), "client_max": max(s["peak_rss_mb"] for s in stats.values())},
+        peak_rss_mb_by_client=[round(stats[c]["peak_rss_mb"], 1) for c in clients],
+        model_parts={"0": _holdings("server", held),
+                     **{str(c): stats[c]["holdings"] for c in clients}},
     ))  # fmt: skip
     transport.barrier("finishing")
     _finish_metrics(cfg, m)
