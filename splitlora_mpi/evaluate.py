@@ -208,8 +208,9 @@ def base_model_path(run: Path) -> str:
     return base
 
 
-def load_model(base: str, adapter: Path) -> Any:
-    """Base + adapter, merged (plain forward passes: faster decoding), float32, eval mode."""
+def load_model(base: str, adapter: Path | None) -> Any:
+    """Base + adapter, merged (plain forward passes: faster decoding), float32, eval mode;
+    the base alone without an adapter."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -223,9 +224,10 @@ def load_model(base: str, adapter: Path) -> Any:
     except OSError as e:  # a missing hub id, no network, no weights in the directory
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"base model {base}: cannot load ({reason}); expected a model directory or hub id") from None
-    with warnings.catch_warnings():  # transformers' deprecation notices about peft's calls: not the user's to fix
-        warnings.simplefilter("ignore", FutureWarning)
-        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    if adapter is not None:
+        with warnings.catch_warnings():  # transformers' deprecation notices about peft's calls: not the user's to fix
+            warnings.simplefilter("ignore", FutureWarning)
+            model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     return model.to(device).eval()
 
 

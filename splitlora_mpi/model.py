@@ -206,7 +206,7 @@ def _load_tensors(lm: PreTrainedModel, name_or_path: str, tied: bool) -> list[st
 
 
 def _safetensors_files(name_or_path: str) -> list[Path]:
-    path = Path(name_or_path)
+    path = Path(name_or_path).expanduser()
     if not path.is_dir():
         from huggingface_hub import snapshot_download  # only for hub ids
 

@@ -431,6 +431,8 @@ def _write_model_outputs(cfg: JobConfig, config: Any, part: SplitPart, state: di
     """adapter/ (one PEFT adapter, client + server layers) and base/ when built from config."""
     out = cfg.out_dir
     base_ref = cfg.model.name_or_path
+    if base_ref is not None and base_ref.startswith("~"):
+        base_ref = str(Path(base_ref).expanduser())  # loaders other than ours do not expand it
     if base_ref is None:
         base_ref = str((out / "base").resolve())
         with atomic_dir(out / "base") as tmp:

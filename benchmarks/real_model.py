@@ -1,0 +1,229 @@
+"""The paper's table on a real pretrained LLM: SmolLM2-135M-Instruct fine-tuned on E2E NLG.
+
+    python benchmarks/real_model.py [--clients 4] [--steps 100] [--out-dir benchmarks/results]
+
+CenLoRA, SplitLoRA, SL and FedLoRA at equal tokens, trained on ../shared/data/e2e/valid.txt,
+plus the base model without fine-tuning. The learning rate is chosen once, by a short sweep of
+`central` runs (lowest validation loss), and used for every scheme. Validation loss: one reference
+of each of `--val-mrs` test MRs; scores: greedy decoding of the first `--eval-mrs` other test MRs
+against all their references (python -m splitlora_mpi.evaluate's scorers). Splitlora / fedlora run
+S steps of B rows per client, sl N*S steps of B rows (one client per step), central S steps of
+N*B rows. Writes real_model.{json,md,png} and keeps each run's config, metrics and summary in
+real_model_runs/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from splitlora_mpi import evaluate as ev
+from splitlora_mpi.data import load_tokenizer, read_examples
+from splitlora_mpi.plot import paper_name, plot_runs, time_to_target
+from splitlora_mpi.prepare_model import reference_model
+
+ROOT = Path(__file__).resolve().parents[1]
+E2E = ROOT.parent / "shared" / "data" / "e2e"
+MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or "mpirun"
+MODES = ("central", "splitlora", "sl", "fedlora")
+SCORES = {"bleu": "BLEU", "nist": "NIST", "meteor": "METEOR", "rouge_l": "ROUGE_L", "cider": "CIDEr"}
+
+
+def held_out(work: Path, val_mrs: int, eval_mrs: int) -> tuple[Path, list[str], list[list[str]]]:
+    """test.txt split by MR: the first `eval_mrs` MRs with all references for the scores, one
+    reference of each of the next `val_mrs` MRs for the validation loss (disjoint MRs)."""
+    mrs, refs = ev.group_references(read_examples(E2E / "test.txt", "e2e"))
+    val = work / "val.txt"
+    pairs = zip(mrs[eval_mrs : eval_mrs + val_mrs], refs[eval_mrs : eval_mrs + val_mrs])
+    val.write_text("".join(f"{mr}||{group[0]}\n" for mr, group in pairs))
+    return val, mrs[:eval_mrs], refs[:eval_mrs]
+
+
+def command(mode: str, args: argparse.Namespace, model: Path, val: Path, out: Path, lr: float, steps: int) -> list[str]:
+    n, b = args.clients, args.batch_size
+    per_eval, batch = args.eval_every, b
+    if mode == "sl":  # one client per step: N times the steps for the same tokens
+        steps, per_eval = n * steps, n * args.eval_every
+    if mode == "central":
+        batch = n * b
+    sets = {
+        "run.mode": mode, "run.out_dir": out, "run.seed": args.seed,
+        "model.name_or_path": model, "model.tokenizer": model, "split.client_layers": args.cut,
+        "lora.r": args.lora_r, "lora.alpha": args.lora_alpha,
+        "data.train_path": E2E / "valid.txt", "data.val_path": val, "data.max_seq_len": args.seq_len,
+        "train.steps": steps, "train.batch_size": batch, "train.lr": lr, "train.warmup_steps": max(1, steps // 10),
+        "train.aggregate_every": args.aggregate_every, "train.eval_every": per_eval, "train.log_every": per_eval,
+    }  # fmt: skip
+    cmd = [sys.executable, "-m", "splitlora_mpi"]
+    for key, value in sets.items():
+        cmd += ["--set", f"{key}={value}"]
+    return cmd if mode == "central" else [MPIRUN, "-n", str(n + 1), *cmd]
+
+
+def train(cmd: list[str], out: Path, keep: Path) -> dict:
+    print(f"{keep.name}: running", flush=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=3 * 3600)
+    if r.returncode:
+        sys.exit(f"{keep.name} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    keep.mkdir(parents=True)
+    for name in ("config.yaml", "metrics.jsonl", "summary.json"):
+        shutil.copy(out / name, keep / name)
+    s = json.loads((out / "summary.json").read_text())
+    print(f"{keep.name}: val {s['final_val_loss']:.4f} in {s['wall_s']:.1f} s, {s['tokens']} tokens", flush=True)
+    return s
+
+
+def decode(model_dir: Path, adapter: Path | None, mrs: list[str], args: argparse.Namespace) -> tuple[list[str], float]:
+    tok = load_tokenizer(str(model_dir))
+    model = ev.load_model(str(model_dir), adapter)
+    start = time.perf_counter()
+    prompts = [ev.prompt_ids(tok, mr, "e2e") for mr in mrs]
+    decoding = argparse.Namespace(batch_size=16, max_new_tokens=args.max_new_tokens, no_repeat_ngram_size=0)
+    preds = ev.decode(model, tok, prompts, args.seq_len, decoding, 1, label=adapter.parent.name if adapter else "base")
+    return preds, time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--steps", type=int, default=100, help="splitlora / fedlora / central steps (sl: clients x)")
+    p.add_argument("--batch-size", type=int, default=2, help="rows per client per step")
+    p.add_argument("--seq-len", type=int, default=96)
+    p.add_argument("--cut", type=int, default=2, help="blocks on each client (split.client_layers)")
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--aggregate-every", type=int, default=5)
+    p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--lrs", default="0.001,0.003,0.01", help="learning rates tried on central")
+    p.add_argument("--sweep-steps", type=int, default=30)
+    p.add_argument("--val-mrs", type=int, default=48, help="test MRs (one reference each) for the validation loss")
+    p.add_argument("--eval-mrs", type=int, default=100, help="test MRs (all references) for the scores")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    args = p.parse_args()
+    started = time.perf_counter()
+    model_dir = reference_model()
+    keep = args.out_dir / "real_model_runs"
+    shutil.rmtree(keep, ignore_errors=True)
+    summaries, commands, sweep, outputs = {}, {}, {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        val, mrs, refs = held_out(work, args.val_mrs, args.eval_mrs)
+        for lr in (float(x) for x in args.lrs.split(",")):
+            name = f"sweep-lr{lr:g}"
+            s = train(command("central", args, model_dir, val, work / name, lr, args.sweep_steps), work / name,
+                      keep / name)  # fmt: skip
+            sweep[lr] = s["final_val_loss"]
+        lr = min(sweep, key=sweep.get)
+        print(f"learning rate {lr:g} (sweep: {sweep})", flush=True)
+        preds, seconds = {}, {}
+        preds["base"], seconds["base"] = decode(model_dir, None, mrs, args)
+        for mode in MODES:
+            cmd = command(mode, args, model_dir, val, work / mode, lr, args.steps)
+            commands[mode] = " ".join(str(c) for c in cmd)
+            summaries[mode] = train(cmd, work / mode, keep / mode)
+            preds[mode], seconds[mode] = decode(model_dir, work / mode / "adapter", mrs, args)
+            outputs[mode] = work / mode
+        print("scoring", flush=True)
+        scores = ev.score_corpora(preds, refs, ev.java_available())
+        base_val = base_val_loss(model_dir, val, args.seq_len)
+    report(args, model_dir, keep, summaries, commands, sweep, lr, scores, preds, mrs, refs, seconds, base_val,
+           time.perf_counter() - started)  # fmt: skip
+
+
+def base_val_loss(model_dir: Path, val: Path, seq_len: int) -> float:
+    """The validation loss of the model before fine-tuning, as training computes it."""
+    from splitlora_mpi.data import encode_examples, make_batch
+    from splitlora_mpi.training import lm_loss_sum
+
+    model = ev.load_model(str(model_dir), None)
+    data = encode_examples(read_examples(val, "e2e"), load_tokenizer(str(model_dir)), seq_len)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(data), 16):
+            batch = make_batch(data, list(range(start, min(start + 16, len(data)))))
+            loss_sum, n = lm_loss_sum(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits,
+                                      batch.labels)  # fmt: skip
+            total, count = total + float(loss_sum), count + n
+    return total / count
+
+
+def report(args, model_dir, keep, summaries, commands, sweep, lr, scores, preds, mrs, refs, seconds, base_val, total_s):  # noqa: ANN001, PLR0913
+    target = round(max(s["final_val_loss"] for s in summaries.values()), 4)  # the worst final loss: all reach it
+    rows = [{"scheme": "base", **{k: scores["base"][m] for k, m in SCORES.items()}, "val_loss": base_val,
+             "val_ppl": math.exp(base_val), "decode_s": round(seconds["base"], 1)}]  # fmt: skip
+    for mode, s in summaries.items():
+        hit = time_to_target(keep / mode, target)
+        parts = s["model_parts"]
+        client = parts.get("1", parts["0"])  # central: the one rank holds everything
+        rows.append({
+            "scheme": mode, "name": paper_name(mode),
+            **{k: scores[mode][m] for k, m in SCORES.items()},
+            "val_loss": s["final_val_loss"], "val_ppl": math.exp(s["final_val_loss"]),
+            "wall_s": s["wall_s"], "time_to_target_s": hit["wall_s"] if hit else None,
+            "tokens": s["tokens"], "mb_sent": sum(s["bytes"].values()) / 1e6, "bytes": s["bytes"],
+            "peak_rss_mb": s["peak_rss_mb"], "client_base_params": client["base_params"],
+            "client_blocks": client["blocks"], "decode_s": round(seconds[mode], 1),
+        })  # fmt: skip
+    png = args.out_dir / "real_model.png"
+    title = f"SmolLM2-135M-Instruct + LoRA on E2E, {args.clients} clients, equal tokens"
+    plot_runs([keep / m for m in MODES], png, target_loss=target, title=title)
+    samples = [{"mr": mrs[i], "reference": refs[i][0], **{k: preds[k][i] for k in preds}} for i in range(5)]
+    result = {
+        "benchmark": "real_model",
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+                    "platform": platform.platform()},  # fmt: skip
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "model": {"dir": str(model_dir), **json.loads((model_dir / "gguf_source.json").read_text())},
+        "learning_rate": lr,
+        "lr_sweep": {"steps": args.sweep_steps, "final_val_loss": {f"{k:g}": v for k, v in sweep.items()}},
+        "decoding": f"greedy, at most {args.max_new_tokens} new tokens, prompt 'MR ||', one decoding for every row",
+        "eval_set": f"the first {len(mrs)} unique MRs of e2e/test.txt, {sum(map(len, refs))} references",
+        "target_val_loss": target,
+        "commands": commands,
+        "schemes": rows,
+        "samples": samples,
+        "total_s": round(total_s, 1),
+        "figure": png.name,
+    }
+    (args.out_dir / "real_model.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out_dir / "real_model.md").write_text(markdown(rows, target, samples))
+    print(markdown(rows, target, samples))
+
+
+def markdown(rows: list[dict], target: float, samples: list[dict]) -> str:
+    head = ("| scheme | BLEU | NIST | METEOR | ROUGE-L | CIDEr | val loss (ppl) | wall s | to val "
+            f"{target:.3f}: s | MB sent | peak RSS MB client / server |")  # fmt: skip
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        name = r.get("name", "base model (no fine-tuning)")
+        scores = " | ".join(f"{r[k]:.4f}" for k in SCORES)
+        loss = f"{r['val_loss']:.4f} ({r['val_ppl']:.2f})"
+        if r["scheme"] == "base":
+            lines.append(f"| {name} | {scores} | {loss} | — | — | — | — |")
+            continue
+        tt = f"{r['time_to_target_s']:.0f}" if r["time_to_target_s"] is not None else "not reached"
+        rss = r["peak_rss_mb"]
+        lines.append(f"| {name} | {scores} | {loss} | {r['wall_s']:.0f} | {tt} | {r['mb_sent']:.1f} | "
+                     f"{rss['client_max']:.0f} / {rss['server']:.0f} |")  # fmt: skip
+    out = "\n".join(lines) + "\n\nSamples (greedy):\n\n"
+    for s in samples:
+        out += f"- MR: `{s['mr']}`\n  - reference: {s['reference']}\n"
+        out += "".join(f"  - {paper_name(k) if k != 'base' else 'base model'}: {s[k]}\n" for k in ("base", *MODES))
+    return out
+
+
+if __name__ == "__main__":
+    main()
