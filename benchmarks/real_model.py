@@ -1,6 +1,7 @@
 """The paper's table on a real pretrained LLM: SmolLM2-135M-Instruct fine-tuned on E2E NLG.
 
     python benchmarks/real_model.py [--clients 4] [--steps 100] [--out-dir benchmarks/results]
+    python benchmarks/real_model.py --lrs 0.01 --seed 1 --modes central,splitlora --tag seed1   # run-to-run spread
 
 CenLoRA, SplitLoRA, SL and FedLoRA at equal tokens, trained on ../shared/data/e2e/valid.txt,
 plus the base model without fine-tuning. The learning rate is chosen once, by a short sweep of
@@ -8,8 +9,9 @@ plus the base model without fine-tuning. The learning rate is chosen once, by a 
 of each of `--val-mrs` test MRs; scores: greedy decoding of the first `--eval-mrs` other test MRs
 against all their references (python -m splitlora_mpi.evaluate's scorers). Splitlora / fedlora run
 S steps of B rows per client, sl N*S steps of B rows (one client per step), central S steps of
-N*B rows. Writes real_model.{json,md,png} and keeps each run's config, metrics and summary in
-real_model_runs/.
+N*B rows. Writes real_model[_TAG].{json,md,png} and keeps each run's config, metrics and summary
+in real_model[_TAG]_runs/ (with --work DIR the whole runs, adapters included, stay in DIR).
+A single learning rate in --lrs skips the sweep.
 """
 
 from __future__ import annotations
@@ -111,31 +113,37 @@ def main() -> None:
     p.add_argument("--eval-mrs", type=int, default=100, help="test MRs (all references) for the scores")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--modes", default=",".join(MODES), help="schemes to train, in this order")
+    p.add_argument("--tag", default="", help="output names real_model_TAG.*")
+    p.add_argument("--work", type=Path, help="keep the whole runs (adapters too) here; default: a temp dir")
     p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args()
+    args.modes = args.modes.split(",")
     started = time.perf_counter()
     model_dir = reference_model()
-    keep = args.out_dir / "real_model_runs"
+    args.stem = "real_model" + (f"_{args.tag}" if args.tag else "")
+    keep = args.out_dir / f"{args.stem}_runs"
     shutil.rmtree(keep, ignore_errors=True)
-    summaries, commands, sweep, outputs = {}, {}, {}, {}
+    summaries, commands, sweep = {}, {}, {}
+    lrs = [float(x) for x in args.lrs.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         val, mrs, refs = held_out(work, args.val_mrs, args.eval_mrs)
-        for lr in (float(x) for x in args.lrs.split(",")):
+        for lr in lrs if len(lrs) > 1 else []:
             name = f"sweep-lr{lr:g}"
             s = train(command("central", args, model_dir, val, work / name, lr, args.sweep_steps), work / name,
                       keep / name)  # fmt: skip
             sweep[lr] = s["final_val_loss"]
-        lr = min(sweep, key=sweep.get)
+        lr = min(sweep, key=sweep.get) if sweep else lrs[0]
         print(f"learning rate {lr:g} (sweep: {sweep})", flush=True)
         preds, seconds = {}, {}
         preds["base"], seconds["base"] = decode(model_dir, None, mrs, args)
-        for mode in MODES:
+        for mode in args.modes:
             cmd = command(mode, args, model_dir, val, work / mode, lr, args.steps)
             commands[mode] = " ".join(str(c) for c in cmd)
             summaries[mode] = train(cmd, work / mode, keep / mode)
             preds[mode], seconds[mode] = decode(model_dir, work / mode / "adapter", mrs, args)
-            outputs[mode] = work / mode
         print("scoring", flush=True)
         scores = ev.score_corpora(preds, refs, ev.java_available())
         base_val = base_val_loss(model_dir, val, args.seq_len)
@@ -177,9 +185,9 @@ def report(args, model_dir, keep, summaries, commands, sweep, lr, scores, preds,
             "peak_rss_mb": s["peak_rss_mb"], "client_base_params": client["base_params"],
             "client_blocks": client["blocks"], "decode_s": round(seconds[mode], 1),
         })  # fmt: skip
-    png = args.out_dir / "real_model.png"
+    png = args.out_dir / f"{args.stem}.png"
     title = f"SmolLM2-135M-Instruct + LoRA on E2E, {args.clients} clients, equal tokens"
-    plot_runs([keep / m for m in MODES], png, target_loss=target, title=title)
+    plot_runs([keep / m for m in args.modes], png, target_loss=target, title=title)
     samples = [{"mr": mrs[i], "reference": refs[i][0], **{k: preds[k][i] for k in preds}} for i in range(5)]
     result = {
         "benchmark": "real_model",
@@ -198,12 +206,12 @@ def report(args, model_dir, keep, summaries, commands, sweep, lr, scores, preds,
         "total_s": round(total_s, 1),
         "figure": png.name,
     }
-    (args.out_dir / "real_model.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out_dir / "real_model.md").write_text(markdown(rows, target, samples))
-    print(markdown(rows, target, samples))
+    (args.out_dir / f"{args.stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out_dir / f"{args.stem}.md").write_text(markdown(rows, target, samples, args.modes))
+    print(markdown(rows, target, samples, args.modes))
 
 
-def markdown(rows: list[dict], target: float, samples: list[dict]) -> str:
+def markdown(rows: list[dict], target: float, samples: list[dict], modes: list[str]) -> str:
     head = ("| scheme | BLEU | NIST | METEOR | ROUGE-L | CIDEr | val loss (ppl) | wall s | to val "
             f"{target:.3f}: s | MB sent | peak RSS MB client / server |")  # fmt: skip
     lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -221,7 +229,7 @@ def markdown(rows: list[dict], target: float, samples: list[dict]) -> str:
     out = "\n".join(lines) + "\n\nSamples (greedy):\n\n"
     for s in samples:
         out += f"- MR: `{s['mr']}`\n  - reference: {s['reference']}\n"
-        out += "".join(f"  - {paper_name(k) if k != 'base' else 'base model'}: {s[k]}\n" for k in ("base", *MODES))
+        out += "".join(f"  - {paper_name(k) if k != 'base' else 'base model'}: {s[k]}\n" for k in ("base", *modes))
     return out
 
 

@@ -14,6 +14,13 @@ import traceback
 
 from .config import ConfigError, JobFailed, Stopped, load_config
 
+LAUNCH = """how to launch:
+  mpirun -n N+1 python -m splitlora_mpi [options]   rank 0 is the server, ranks 1..N the clients
+                                                    (modes splitlora, sl, fedlora; e.g. -n 9: 8 clients)
+  python -m splitlora_mpi --set run.mode=central    the one-rank baseline needs no mpirun
+
+config reference: every key with its default and meaning is in the README ("Configuration
+reference") and in configs/default.yaml; --print-config shows the resolved config."""
 EXIT_STOPPED = 143  # 128 + SIGTERM: stopped by a signal, checkpoint written
 
 
@@ -33,7 +40,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = _Parser(prog="python -m splitlora_mpi", description="Split-federated LoRA fine-tuning over MPI.")
+    p = _Parser(
+        prog="python -m splitlora_mpi",
+        description="Split-federated LoRA fine-tuning over MPI.",
+        epilog=LAUNCH,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", help="YAML config file (default: the packaged default.yaml)")
     p.add_argument(
         "--set",

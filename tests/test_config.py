@@ -112,6 +112,17 @@ def test_cli_unknown_argument_exit_2(tmp_path):
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
 
 
+def test_cli_help_says_how_to_launch_and_where_the_keys_are(capsys):
+    from splitlora_mpi.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0
+    assert "mpirun -n N+1 python -m splitlora_mpi" in out and "run.mode=central" in out and "no mpirun" in out
+    assert "Configuration" in out and "configs/default.yaml" in out
+
+
 def test_readme_documents_every_key():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     flat = [f"`{section}.{key}`" for section, keys in JobConfig().to_dict().items() for key in keys]
