@@ -168,7 +168,11 @@ def base_val_loss(model_dir: Path, val: Path, seq_len: int) -> float:
     return total / count
 
 
-def report(args, model_dir, keep, summaries, commands, sweep, lr, scores, preds, mrs, refs, seconds, base_val, total_s):  # noqa: ANN001, PLR0913
+def report(
+    args: argparse.Namespace, model_dir: Path, keep: Path, summaries: dict, commands: dict, sweep: dict, lr: float,
+    scores: dict, preds: dict, mrs: list[str], refs: list[list[str]], seconds: dict, base_val: float, total_s: float,
+) -> None:  # fmt: skip
+    """real_model[_TAG].{json,md,png} from what main measured."""
     target = round(max(s["final_val_loss"] for s in summaries.values()), 4)  # the worst final loss: all reach it
     rows = [{"scheme": "base", **{k: scores["base"][m] for k, m in SCORES.items()}, "val_loss": base_val,
              "val_ppl": math.exp(base_val), "decode_s": round(seconds["base"], 1)}]  # fmt: skip
@@ -191,8 +195,12 @@ def report(args, model_dir, keep, summaries, commands, sweep, lr, scores, preds,
     samples = [{"mr": mrs[i], "reference": refs[i][0], **{k: preds[k][i] for k in preds}} for i in range(5)]
     result = {
         "benchmark": "real_model",
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-                    "platform": platform.platform()},  # fmt: skip
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+        },  # fmt: skip
         "args": {k: str(v) for k, v in vars(args).items()},
         "model": {"dir": str(model_dir), **json.loads((model_dir / "gguf_source.json").read_text())},
         "learning_rate": lr,

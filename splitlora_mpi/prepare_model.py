@@ -144,7 +144,9 @@ def _require_gguf_support() -> None:
 
     missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
     if missing:
-        raise ConfigError(f"missing packages {', '.join(missing)}; expected the gguf extra: pip install 'splitlora_mpi[gguf]'")
+        raise ConfigError(
+            f"missing packages {', '.join(missing)}; expected the gguf extra: pip install 'splitlora_mpi[gguf]'"
+        )
 
 
 def say(line: str) -> None:
