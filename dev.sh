@@ -2,7 +2,8 @@
 # The README's two commands, on a fresh Debian/Ubuntu machine with Python >= 3.10 (root or sudo):
 #
 #   ./dev.sh run    install the package into .venv and run the default job (1 server + 8 clients)
-#   ./dev.sh test   install what the tests need too, then run the whole suite (what CI runs)
+#   ./dev.sh test   install what the tests need too, then run the whole suite (what CI runs);
+#                   arguments after `test` go to pytest (e.g. ./dev.sh test -k real_model)
 #
 # One bash script rather than a Makefile or nox: bash is on every such machine, make is not, and
 # the test set-up is mostly system packages and tools that no Python task runner installs.
@@ -76,7 +77,7 @@ case "${1:-}" in
     install_package dev
     install_test_tools
     set +e
-    python -m pytest -q --durations=15 tests
+    python -m pytest -q --durations=15 tests "${@:2}"
     rc=$?
     set -e
     if [ "$rc" -eq 5 ]; then

@@ -13,21 +13,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
+from common import MPIRUN, machine
 
 from splitlora_mpi.plot import paper_name, plot_runs, time_to_target
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
-MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or "mpirun"
 MODEL = "{model_type: gpt2, n_embd: 128, n_layer: 4, n_head: 4, n_positions: 128}"
 # the same GPT-2 without dropout, for benchmarks whose runs must train identically (dropout
 # masks are not reproducible between runs): options.py, multihost.py
@@ -151,12 +148,7 @@ def report(args: argparse.Namespace, runs: dict[str, Path], commands: dict[str, 
     plot_runs([runs[m] for m in MODES], png, target_loss=target, title=title)
     result = {
         "benchmark": "paper_convergence",
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "platform": platform.platform(),
-        },  # fmt: skip
+        "machine": machine(),
         "args": {k: str(v) for k, v in vars(args).items()},
         "model": MODEL,
         "target_val_loss": target,

@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -29,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import MPIRUN, machine
 
 from splitlora_mpi import evaluate as ev
 from splitlora_mpi.data import load_tokenizer, read_examples
@@ -37,7 +36,6 @@ from splitlora_mpi.prepare_model import reference_model
 
 ROOT = Path(__file__).resolve().parents[1]
 E2E = ROOT.parent / "shared" / "data" / "e2e"
-MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or "mpirun"
 MODES = ("central", "splitlora", "sl", "fedlora")
 SCORES = {"bleu": "BLEU", "nist": "NIST", "meteor": "METEOR", "rouge_l": "ROUGE_L", "cider": "CIDEr"}
 
@@ -195,12 +193,7 @@ def report(
     samples = [{"mr": mrs[i], "reference": refs[i][0], **{k: preds[k][i] for k in preds}} for i in range(5)]
     result = {
         "benchmark": "real_model",
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "platform": platform.platform(),
-        },  # fmt: skip
+        "machine": machine(),
         "args": {k: str(v) for k, v in vars(args).items()},
         "model": {"dir": str(model_dir), **json.loads((model_dir / "gguf_source.json").read_text())},
         "learning_rate": lr,
