@@ -92,10 +92,10 @@ def convert(gguf: Path, out: Path, sha256: str | None = None, source: str | None
         loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"GGUF file {gguf}: cannot load ({str(e).splitlines()[0]}); expected a causal LM") from None
-    facts = loaded.config.to_dict()
+    fields = loaded.config.to_dict()
     for key in ("quantization_config", "_name_or_path"):
-        facts.pop(key, None)
-    config = type(loaded.config).from_dict({**facts, "dtype": "float32"})
+        fields.pop(key, None)
+    config = type(loaded.config).from_dict({**fields, "dtype": "float32"})
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # loadable and savable, unlike `loaded`
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or {})
@@ -104,7 +104,7 @@ def convert(gguf: Path, out: Path, sha256: str | None = None, source: str | None
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        facts = {"gguf": str(gguf.resolve()), "sha256": digest, "source": source or str(gguf.resolve())}
+        facts = {"file": gguf.name, "sha256": digest, "source": source or str(gguf.resolve())}
         write_atomic(tmp / SOURCE_FILE, json.dumps(facts, indent=2) + "\n")
     say(f"converted in {time.perf_counter() - start:.1f} s: {out}")
     return out
