@@ -21,3 +21,22 @@ def machine() -> dict[str, object]:
         "torch": torch.__version__,
         "platform": platform.platform(),
     }
+
+
+def equal_tokens(mode: str, clients: int, steps: int, batch: int, eval_every: int) -> tuple[int, int, int]:
+    """(steps, rows per step, steps between evaluations) of `mode` for the tokens of `steps` steps
+    of `batch` rows on each of `clients` clients: sl takes one client per step (N times the steps),
+    central one batch of all clients' rows."""
+    if mode == "sl":
+        return clients * steps, batch, clients * eval_every
+    if mode == "central":
+        return steps, clients * batch, eval_every
+    return steps, batch, eval_every
+
+
+def launch(mode: str, clients: int, sets: dict[str, object]) -> list[str]:
+    """The command of one run: `--set key=value` for each entry; under mpirun unless central."""
+    cmd = [sys.executable, "-m", "splitlora_mpi"]
+    for key, value in sets.items():
+        cmd += ["--set", f"{key}={value}"]
+    return cmd if mode == "central" else [MPIRUN, "-n", str(clients + 1), *cmd]

@@ -23,8 +23,9 @@ import tempfile
 from pathlib import Path
 
 import torch
+from common import MPIRUN
 from paper_convergence import MODEL_NO_DROPOUT as MODEL
-from paper_convergence import MPIRUN, ROOT, SHARED, fast_bpe_tokenizer, test_subset
+from paper_convergence import ROOT, SHARED, fast_bpe_tokenizer, test_subset
 
 OPTIONS: dict[str, list[str]] = {
     "plain": [],

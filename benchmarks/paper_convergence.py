@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import MPIRUN, machine
+from common import equal_tokens, launch, machine
 
 from splitlora_mpi.plot import paper_name, plot_runs, time_to_target
 
@@ -59,12 +59,7 @@ def test_subset(work: Path, every: int) -> Path:
 
 
 def command(mode: str, args: argparse.Namespace, tok: Path, val: Path, out: Path) -> list[str]:
-    n, s, b = args.clients, args.steps, args.batch_size
-    steps, batch, per_eval = s, b, args.eval_every
-    if mode == "sl":  # one client per step: N times the steps for the same tokens
-        steps, per_eval = n * s, n * args.eval_every
-    if mode == "central":
-        batch = n * b
+    steps, batch, per_eval = equal_tokens(mode, args.clients, args.steps, args.batch_size, args.eval_every)
     warmup = steps // 15
     sets = {
         "run.mode": mode, "run.out_dir": out, "model.config": MODEL, "model.tokenizer": tok,
@@ -72,10 +67,7 @@ def command(mode: str, args: argparse.Namespace, tok: Path, val: Path, out: Path
         "train.steps": steps, "train.batch_size": batch, "train.warmup_steps": warmup,
         "train.aggregate_every": args.aggregate_every, "train.eval_every": per_eval, "train.log_every": per_eval,
     }  # fmt: skip
-    cmd = [sys.executable, "-m", "splitlora_mpi"]
-    for key, value in sets.items():
-        cmd += ["--set", f"{key}={value}"]
-    return cmd if mode == "central" else [MPIRUN, "-n", str(n + 1), *cmd]
+    return launch(mode, args.clients, sets)
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import MPIRUN, machine
+from common import equal_tokens, launch, machine
 
 from splitlora_mpi import evaluate as ev
 from splitlora_mpi.data import load_tokenizer, read_examples
@@ -51,12 +51,7 @@ def held_out(work: Path, val_mrs: int, eval_mrs: int) -> tuple[Path, list[str], 
 
 
 def command(mode: str, args: argparse.Namespace, model: Path, val: Path, out: Path, lr: float, steps: int) -> list[str]:
-    n, b = args.clients, args.batch_size
-    per_eval, batch = args.eval_every, b
-    if mode == "sl":  # one client per step: N times the steps for the same tokens
-        steps, per_eval = n * steps, n * args.eval_every
-    if mode == "central":
-        batch = n * b
+    steps, batch, per_eval = equal_tokens(mode, args.clients, steps, args.batch_size, args.eval_every)
     sets = {
         "run.mode": mode, "run.out_dir": out, "run.seed": args.seed,
         "model.name_or_path": model, "model.tokenizer": model, "split.client_layers": args.cut,
@@ -65,10 +60,7 @@ def command(mode: str, args: argparse.Namespace, model: Path, val: Path, out: Pa
         "train.steps": steps, "train.batch_size": batch, "train.lr": lr, "train.warmup_steps": max(1, steps // 10),
         "train.aggregate_every": args.aggregate_every, "train.eval_every": per_eval, "train.log_every": per_eval,
     }  # fmt: skip
-    cmd = [sys.executable, "-m", "splitlora_mpi"]
-    for key, value in sets.items():
-        cmd += ["--set", f"{key}={value}"]
-    return cmd if mode == "central" else [MPIRUN, "-n", str(n + 1), *cmd]
+    return launch(mode, args.clients, sets)
 
 
 def train(cmd: list[str], out: Path, keep: Path) -> dict:
