@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import traceback
 
 from .config import ConfigError, JobFailed, Stopped, load_config
@@ -21,6 +22,7 @@ LAUNCH = """how to launch:
 
 config reference: every key with its default and meaning is in the README ("Configuration
 reference") and in configs/default.yaml; --print-config shows the resolved config."""
+ABORT_GRACE_S = 0.5
 EXIT_STOPPED = 143  # 128 + SIGTERM: stopped by a signal, checkpoint written
 
 
@@ -96,4 +98,7 @@ def _abort_world() -> None:
         from .protocol import abort, world_size
 
         if world_size() > 1:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            time.sleep(ABORT_GRACE_S)  # the launcher forwards this rank's report before the abort cuts its pipes
             abort(1)
