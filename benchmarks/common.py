@@ -3,9 +3,11 @@ that every results JSON records (times are only comparable within one machine an
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -40,3 +42,18 @@ def launch(mode: str, clients: int, sets: dict[str, object]) -> list[str]:
     for key, value in sets.items():
         cmd += ["--set", f"{key}={value}"]
     return cmd if mode == "central" else [MPIRUN, "-n", str(clients + 1), *cmd]
+
+
+def run_and_keep(cmd: list[str], out: Path, keep: Path, timeout_s: float) -> dict:
+    """Run one training job (exit on failure) and keep what figures and tables need (config,
+    metrics, summary; not the models) in `keep`; returns its summary."""
+    print(f"{keep.name}: running", flush=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    if r.returncode:
+        sys.exit(f"{keep.name} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    keep.mkdir(parents=True)
+    for name in ("config.yaml", "metrics.jsonl", "summary.json"):
+        shutil.copy(out / name, keep / name)
+    s = json.loads((keep / "summary.json").read_text())
+    print(f"{keep.name}: val {s['final_val_loss']:.4f} in {s['wall_s']:.1f} s, {s['tokens']} tokens", flush=True)
+    return s

@@ -14,12 +14,10 @@ import argparse
 import json
 import math
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from common import equal_tokens, launch, machine
+from common import equal_tokens, launch, machine, run_and_keep
 
 from splitlora_mpi.plot import paper_name, plot_runs, time_to_target
 
@@ -102,17 +100,8 @@ def train_all(args: argparse.Namespace, keep: Path) -> tuple[dict[str, Path], di
         for mode in MODES:
             cmd = command(mode, args, tok, val, work / mode)
             commands[mode] = " ".join(str(c) for c in cmd)
-            print(f"{mode}: running", flush=True)
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=7200)
-            if r.returncode:
-                sys.exit(f"{mode} failed ({r.returncode}):\n{r.stderr[-3000:]}")
-            keep_dir = keep / mode  # what the figure needs, not the models
-            keep_dir.mkdir(parents=True)
-            for name in ("config.yaml", "metrics.jsonl", "summary.json"):
-                shutil.copy(work / mode / name, keep_dir / name)
-            runs[mode] = keep_dir
-            s = json.loads((keep_dir / "summary.json").read_text())
-            print(f"{mode}: val {s['final_val_loss']:.4f} in {s['wall_s']:.1f} s, {s['tokens']} tokens", flush=True)
+            run_and_keep(cmd, work / mode, keep / mode, timeout_s=7200)
+            runs[mode] = keep / mode
     return runs, commands
 
 

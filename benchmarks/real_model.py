@@ -20,14 +20,12 @@ import argparse
 import json
 import math
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import equal_tokens, launch, machine
+from common import equal_tokens, launch, machine, run_and_keep
 
 from splitlora_mpi import evaluate as ev
 from splitlora_mpi.data import load_tokenizer, read_examples
@@ -37,6 +35,7 @@ from splitlora_mpi.prepare_model import reference_model
 ROOT = Path(__file__).resolve().parents[1]
 E2E = ROOT.parent / "shared" / "data" / "e2e"
 MODES = ("central", "splitlora", "sl", "fedlora")
+RUN_TIMEOUT_S = 3 * 3600
 SCORES = {"bleu": "BLEU", "nist": "NIST", "meteor": "METEOR", "rouge_l": "ROUGE_L", "cider": "CIDEr"}
 
 
@@ -61,19 +60,6 @@ def command(mode: str, args: argparse.Namespace, model: Path, val: Path, out: Pa
         "train.aggregate_every": args.aggregate_every, "train.eval_every": per_eval, "train.log_every": per_eval,
     }  # fmt: skip
     return launch(mode, args.clients, sets)
-
-
-def train(cmd: list[str], out: Path, keep: Path) -> dict:
-    print(f"{keep.name}: running", flush=True)
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=3 * 3600)
-    if r.returncode:
-        sys.exit(f"{keep.name} failed ({r.returncode}):\n{r.stderr[-3000:]}")
-    keep.mkdir(parents=True)
-    for name in ("config.yaml", "metrics.jsonl", "summary.json"):
-        shutil.copy(out / name, keep / name)
-    s = json.loads((out / "summary.json").read_text())
-    print(f"{keep.name}: val {s['final_val_loss']:.4f} in {s['wall_s']:.1f} s, {s['tokens']} tokens", flush=True)
-    return s
 
 
 def decode(model_dir: Path, adapter: Path | None, mrs: list[str], args: argparse.Namespace) -> tuple[list[str], float]:
@@ -122,8 +108,8 @@ def main() -> None:
         val, mrs, refs = held_out(work, args.val_mrs, args.eval_mrs)
         for lr in lrs if len(lrs) > 1 else []:
             name = f"sweep-lr{lr:g}"
-            s = train(command("central", args, model_dir, val, work / name, lr, args.sweep_steps), work / name,
-                      keep / name)  # fmt: skip
+            cmd = command("central", args, model_dir, val, work / name, lr, args.sweep_steps)
+            s = run_and_keep(cmd, work / name, keep / name, RUN_TIMEOUT_S)
             sweep[lr] = s["final_val_loss"]
         lr = min(sweep, key=sweep.get) if sweep else lrs[0]
         print(f"learning rate {lr:g} (sweep: {sweep})", flush=True)
@@ -132,7 +118,7 @@ def main() -> None:
         for mode in args.modes:
             cmd = command(mode, args, model_dir, val, work / mode, lr, args.steps)
             commands[mode] = " ".join(str(c) for c in cmd)
-            summaries[mode] = train(cmd, work / mode, keep / mode)
+            summaries[mode] = run_and_keep(cmd, work / mode, keep / mode, RUN_TIMEOUT_S)
             preds[mode], seconds[mode] = decode(model_dir, work / mode / "adapter", mrs, args)
         print("scoring", flush=True)
         scores = ev.score_corpora(preds, refs, ev.java_available())

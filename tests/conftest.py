@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -28,6 +29,22 @@ def splitlora(*args: str, ranks: int | None = None) -> list[str]:
         return cmd
     assert MPIRUN, "mpirun not found next to python (pip's mpich wheel provides it)"
     return [MPIRUN, "-n", str(ranks), *cmd]
+
+
+def run_rows(out: Path) -> list[dict]:
+    """metrics.jsonl of a finished run."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def run_adapter(out: Path) -> dict:
+    """The exported adapter's tensors."""
+    from safetensors.torch import load_file
+
+    return load_file(out / "adapter" / "adapter_model.safetensors")
 
 
 @pytest.fixture

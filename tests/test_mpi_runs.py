@@ -7,28 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cmd, splitlora
+from conftest import run_adapter, run_cmd, run_rows, run_summary, splitlora
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from splitlora_mpi.config import load_config
 from splitlora_mpi.data import encode_examples, load_tokenizer, make_batch, packaged_data_paths, read_examples
 from splitlora_mpi.training import lm_loss_sum
-
-
-def _rows(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def _summary(out: Path) -> dict:
-    return json.loads((out / "summary.json").read_text())
-
-
-def _adapter(out: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(out / "adapter" / "adapter_model.safetensors")
-
 
 EQUIV = ["--set", "train.steps=8", "--set", "train.log_every=1", "--set", "train.aggregate_every=4",
          "--set", "train.eval_every=4", "--set", "train.warmup_steps=2"]  # fmt: skip
@@ -53,7 +38,7 @@ def equivalence_runs(tmp_path_factory, central_run) -> tuple[Path, Path]:
 
 
 def _assert_same_training(a_dir: Path, b_dir: Path) -> None:
-    a, b = _rows(a_dir), _rows(b_dir)
+    a, b = run_rows(a_dir), run_rows(b_dir)
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 9))
     for ra, rb in zip(a, b):
         assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-5)
@@ -61,7 +46,7 @@ def _assert_same_training(a_dir: Path, b_dir: Path) -> None:
         if "val_loss" in rb:
             assert ra["val_loss"] == pytest.approx(rb["val_loss"], rel=1e-5)
     assert a[-1]["train_loss"] != a[0]["train_loss"]
-    wa, wb = _adapter(a_dir), _adapter(b_dir)
+    wa, wb = run_adapter(a_dir), run_adapter(b_dir)
     assert wa.keys() == wb.keys() and len(wa) > 0
     for k in wa:
         assert torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-7), k
@@ -80,7 +65,7 @@ def test_baselines_with_one_client_equal_central(tmp_path, central_run, mode):
 def test_sl_clients_take_turns(tmp_path):
     """2 clients, turns of 4 steps: each step's tokens are one client's batch, in turn order."""
     out = _run(tmp_path, "sl", 3)
-    cfg, s, rows = load_config(out / "config.yaml"), _summary(out), _rows(out)
+    cfg, s, rows = load_config(out / "config.yaml"), run_summary(out), run_rows(out)
     per_step = [r["tokens"] - p["tokens"] for p, r in zip([{"tokens": 0}] + rows, rows)]
     assert s["tokens_by_client"] == [sum(per_step[0:4]), sum(per_step[4:8])]
     b, t, h = cfg.train.batch_size, cfg.data.max_seq_len, cfg.model.config["n_embd"]
@@ -92,14 +77,14 @@ def test_sl_clients_take_turns(tmp_path):
 
 def test_fedlora_clients_train_the_whole_model(tmp_path, central_run):
     out = _run(tmp_path, "fedlora", 3)
-    s, whole = _summary(out), _summary(central_run)
+    s, whole = run_summary(out), run_summary(central_run)
     assert s["client_trainable_params"] == whole["client_trainable_params"] + whole["server_trainable_params"]
     assert s["server_trainable_params"] == 0
-    assert _adapter(out).keys() == _adapter(central_run).keys()
+    assert run_adapter(out).keys() == run_adapter(central_run).keys()
     assert s["bytes"]["activations"] == s["bytes"]["gradients"] == s["bytes"]["labels"] == 0
     # 2 rounds x 3 ranks x one float64 buffer: [w * adapter, w, stop, (loss sum, targets, tokens) x 4 steps]
     assert s["bytes"]["adapters"] == 2 * 3 * (s["client_trainable_params"] + 2 + 3 * 4) * 8
-    assert sum(s["tokens_by_client"]) == s["tokens"] == _rows(out)[-1]["tokens"]
+    assert sum(s["tokens_by_client"]) == s["tokens"] == run_rows(out)[-1]["tokens"]
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +96,7 @@ def wire_runs(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("wire, most", [("bfloat16", 0.51), ("int8", 0.27)])
 def test_compressed_activations_cut_the_bytes_not_the_loss(wire_runs, wire, most):
-    plain, small = _summary(wire_runs["float32"]), _summary(wire_runs[wire])
+    plain, small = run_summary(wire_runs["float32"]), run_summary(wire_runs[wire])
     for kind in ("activations", "gradients"):
         assert small["bytes"][kind] <= most * plain["bytes"][kind], kind
     assert small["bytes"]["labels"] == plain["bytes"]["labels"]
@@ -122,7 +107,7 @@ def test_compressed_activations_cut_the_bytes_not_the_loss(wire_runs, wire, most
 def test_private_activations_change_training_not_the_wire(tmp_path, wire_runs):
     """Clip + noise on the clients: the same bytes, another (noisier) model; the scale is reported."""
     out = _run(tmp_path, "splitlora", 3, "--set", "privacy.clip=0.5", "--set", "privacy.noise_multiplier=0.1")
-    s, plain = _summary(out), _summary(wire_runs["float32"])
+    s, plain = run_summary(out), run_summary(wire_runs["float32"])
     assert s["privacy"] == {"clip": 0.5, "noise_std": pytest.approx(0.05)}
     assert s["bytes"]["activations"] == plain["bytes"]["activations"]
     assert s["final_val_loss"] != plain["final_val_loss"] and s["final_val_loss"] == pytest.approx(
@@ -142,10 +127,10 @@ def test_outputs_and_summary_keys(equivalence_runs):
         "base/model.safetensors",
     ):
         assert (split / name).is_file(), name
-    s = _summary(split)
+    s = run_summary(split)
     assert s["mode"] == "splitlora" and s["world_size"] == 2 and s["num_clients"] == 1 and s["steps"] == 8
     assert set(s["bytes"]) == {"activations", "gradients", "labels", "adapters", "control"}
-    assert s["tokens"] == _rows(split)[-1]["tokens"] and s["tokens_per_s"] > 0
+    assert s["tokens"] == run_rows(split)[-1]["tokens"] and s["tokens_per_s"] > 0
     assert s["client_trainable_params"] > 0 and s["server_trainable_params"] > 0
     assert s["peak_rss_mb"]["server"] > 0 and s["peak_rss_mb"]["client_max"] > 0
     assert load_config(split / "config.yaml").train.steps == 8
@@ -155,7 +140,7 @@ def test_activation_bytes_are_the_tensors_themselves(equivalence_runs):
     """Bytes on the wire per step = B x T x H x 4 each way (fp32), nothing more."""
     split, _ = equivalence_runs
     cfg = load_config(split / "config.yaml")
-    s = _summary(split)
+    s = run_summary(split)
     b, t, h = cfg.train.batch_size, cfg.data.max_seq_len, cfg.model.config["n_embd"]
     val_rows = len(read_examples(packaged_data_paths()[1], "e2e"))
     evals = 2  # steps 4 and 8
@@ -180,7 +165,7 @@ def test_exported_adapter_reproduces_final_val_loss(equivalence_runs):
                 model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, batch.labels
             )
             total, count = total + float(loss_sum), count + n
-    assert total / count == pytest.approx(_summary(split)["final_val_loss"], rel=1e-5)
+    assert total / count == pytest.approx(run_summary(split)["final_val_loss"], rel=1e-5)
 
 
 def test_default_nine_rank_run_learns(tmp_path):
@@ -190,8 +175,8 @@ def test_default_nine_rank_run_learns(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "runs" / "splitlora"
-    rows = _rows(out)
-    s = _summary(out)
+    rows = run_rows(out)
+    s = run_summary(out)
     assert s["num_clients"] == 8 and s["world_size"] == 9
     assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.2
     vals = [row["val_loss"] for row in rows if "val_loss" in row]
@@ -264,10 +249,10 @@ def test_llama_family_split_run(tmp_path):
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "runs" / "splitlora"
-    adapter = _adapter(out)
+    adapter = run_adapter(out)
     assert any(k.startswith("base_model.model.model.layers.0.") for k in adapter)  # client layers
     assert any(k.startswith("base_model.model.model.layers.2.") for k in adapter)  # server layer
-    assert _summary(out)["num_clients"] == 2 and len(_rows(out)) == 6
+    assert run_summary(out)["num_clients"] == 2 and len(run_rows(out)) == 6
 
 
 def test_pretrained_local_model_and_bpe_tokenizer(tmp_path):
@@ -301,7 +286,7 @@ def test_pretrained_local_model_and_bpe_tokenizer(tmp_path):
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
         model_dir
     )
-    assert _summary(out)["final_val_loss"] > 0 and model is not None
+    assert run_summary(out)["final_val_loss"] > 0 and model is not None
 
 
 def test_label_private_split_equals_the_plain_split(tmp_path, wire_runs):
@@ -311,7 +296,7 @@ def test_label_private_split_equals_the_plain_split(tmp_path, wire_runs):
     out = _run(tmp_path, "splitlora", 3, "--set", "split.label_private=true")
     plain = wire_runs["float32"]
     _assert_same_training(out, plain)
-    s, p = _summary(out), _summary(plain)
+    s, p = run_summary(out), run_summary(plain)
     assert s["bytes"]["labels"] == 0 and p["bytes"]["labels"] > 0
     assert s["bytes"]["activations"] == 2 * p["bytes"]["activations"]  # up to the server and back to the tail
     assert s["bytes"]["gradients"] == 2 * p["bytes"]["gradients"]
@@ -321,12 +306,12 @@ def test_label_private_tail_blocks_in_sl_mode(tmp_path):
     """With tail_layers=1 the last block also lives on the clients: client and server hold 2
     blocks each of the 4, and the exported adapter still covers all of them."""
     out = _run(tmp_path, "sl", 3, "--set", "split.label_private=true", "--set", "split.tail_layers=1")
-    s = _summary(out)
+    s = run_summary(out)
     assert s["client_trainable_params"] == s["server_trainable_params"] > 0
     assert s["bytes"]["labels"] == 0
-    blocks = {k.split(".h.")[1].split(".")[0] for k in _adapter(out)}
+    blocks = {k.split(".h.")[1].split(".")[0] for k in run_adapter(out)}
     assert blocks == {"0", "1", "2", "3"}
-    assert _rows(out)[-1]["val_loss"] < _rows(out)[0]["train_loss"]
+    assert run_rows(out)[-1]["val_loss"] < run_rows(out)[0]["train_loss"]
 
 
 def test_clients_with_their_own_cut_points(tmp_path):
@@ -336,7 +321,7 @@ def test_clients_with_their_own_cut_points(tmp_path):
     from splitlora_mpi import checkpoint
 
     out = _run(tmp_path, "splitlora", 3, "--set", "split.client_layers=[1, 2]", "--set", "checkpoint.every=8")
-    s, rows = _summary(out), _rows(out)
+    s, rows = run_summary(out), run_rows(out)
     assert rows[-1]["val_loss"] < rows[0]["train_loss"]
     states = {r: checkpoint.from_bytes(checkpoint.rank_file(out, 8, r).read_bytes()) for r in (0, 1, 2)}
     server = states[0]["server"]["trainer"]["adapter"]
@@ -348,7 +333,7 @@ def test_clients_with_their_own_cut_points(tmp_path):
     shared = [k for k in far if k in server]
     assert shared and all(torch.equal(far[k], server[k]) for k in shared)
     assert s["client_trainable_params"] == sum(v.numel() for v in far.values())
-    assert _adapter(out).keys() == {*far, *server}
+    assert run_adapter(out).keys() == {*far, *server}
 
 
 def test_micro_batches_pipeline_the_same_training(tmp_path, wire_runs):
@@ -357,7 +342,7 @@ def test_micro_batches_pipeline_the_same_training(tmp_path, wire_runs):
     out = _run(tmp_path, "splitlora", 3, "--set", "comm.micro_batches=2")
     plain = wire_runs["float32"]
     _assert_same_training(out, plain)
-    s, p = _summary(out), _summary(plain)
+    s, p = run_summary(out), run_summary(plain)
     for kind in ("activations", "gradients", "labels"):
         assert s["bytes"][kind] == p["bytes"][kind], kind
     assert s["bytes"]["control"] > p["bytes"]["control"]  # one more header per micro-batch and direction

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cmd, splitlora
+from conftest import run_adapter, run_cmd, run_rows, run_summary, splitlora
 from safetensors import safe_open
 
 from splitlora_mpi import prepare_model
@@ -102,21 +102,11 @@ def two_clients(tmp_path_factory, model_dir, val_file) -> Path:
     return _run(tmp_path_factory.mktemp("split2"), model_dir, val_file, 3, "--set", "train.lr=0.02")
 
 
-def _rows(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def _summary(out: Path) -> dict:
-    return json.loads((out / "summary.json").read_text())
-
-
 def test_split_equals_central_on_the_real_model(tmp_path, model_dir, val_file, central):
     """One client (FedAvg over several clients is another optimizer than one Adam over the joined
     batch): same losses step for step and the same adapter, RoPE, GQA and tied head included."""
-    from safetensors.torch import load_file
-
     split = _run(tmp_path, model_dir, val_file, 2)
-    a, b = _rows(split), _rows(central)
+    a, b = run_rows(split), run_rows(central)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b):
         assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-5)
@@ -125,7 +115,7 @@ def test_split_equals_central_on_the_real_model(tmp_path, model_dir, val_file, c
             assert ra["val_loss"] == pytest.approx(rb["val_loss"], rel=1e-5)
     vals = [r["val_loss"] for r in b if "val_loss" in r]
     assert len(vals) == 2 and vals[1] != vals[0]
-    wa, wb = (load_file(out / "adapter" / "adapter_model.safetensors") for out in (split, central))
+    wa, wb = run_adapter(split), run_adapter(central)
     assert wa.keys() == wb.keys() and any(".layers.0." in k for k in wa) and any(".layers.29." in k for k in wa)
     for k in wa:
         assert torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-7), k
@@ -133,7 +123,7 @@ def test_split_equals_central_on_the_real_model(tmp_path, model_dir, val_file, c
 
 def test_each_rank_holds_and_reads_only_its_part(model_dir, central, two_clients):
     shapes = _checkpoint_shapes(model_dir)
-    parts, whole = _summary(two_clients)["model_parts"], _summary(central)["model_parts"]["0"]
+    parts, whole = run_summary(two_clients)["model_parts"], run_summary(central)["model_parts"]["0"]
     client_keys = {"model.embed_tokens.weight"} | {k for k in shapes if k.split(".")[2:3] in (["0"], ["1"])}
     assert len(client_keys) == 1 + CUT * 9  # 9 tensors per Llama block
     for rank in ("1", "2"):
@@ -143,8 +133,8 @@ def test_each_rank_holds_and_reads_only_its_part(model_dir, central, two_clients
     assert parts["0"]["blocks"] == list(range(CUT, 30)) and set(parts["0"]["tensors_read"]) == server_keys
     assert whole["blocks"] == list(range(30)) and set(whole["tensors_read"]) == set(shapes)
     assert whole["base_params"] == sum(_numel(s) for s in shapes.values())
-    peak = _summary(two_clients)["peak_rss_mb"]
-    assert peak["client_max"] < 0.6 * _summary(central)["peak_rss_mb"]["server"], peak
+    peak = run_summary(two_clients)["peak_rss_mb"]
+    assert peak["client_max"] < 0.6 * run_summary(central)["peak_rss_mb"]["server"], peak
 
 
 def test_exported_adapter_reproduces_the_runs_validation_loss(model_dir, val_file, two_clients):
@@ -161,7 +151,7 @@ def test_exported_adapter_reproduces_the_runs_validation_loss(model_dir, val_fil
         batch = make_batch(val, list(range(len(val))))
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         loss_sum, n = lm_loss_sum(logits, batch.labels)
-    assert float(loss_sum) / n == pytest.approx(_summary(two_clients)["final_val_loss"], rel=1e-5)
+    assert float(loss_sum) / n == pytest.approx(run_summary(two_clients)["final_val_loss"], rel=1e-5)
 
 
 def test_evaluate_decodes_with_base_and_adapter(model_dir, val_file, two_clients):
