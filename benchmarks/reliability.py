@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from statistics import median
 
-from splitlora_mpi import checkpoint
+from splitlora_mpi.run import checkpoint
 
 MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or "mpirun"
 GPT2_SMALL = ["--set", "model.config={model_type: gpt2, n_embd: 768, n_layer: 12, n_head: 12, n_positions: 128}"]

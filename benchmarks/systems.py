@@ -88,7 +88,8 @@ def pingpong(shape: list[int], rounds: int = 300) -> None:
     from mpi4py import MPI
 
     from splitlora_mpi.metrics import Metrics
-    from splitlora_mpi.protocol import TRAIN, Transport
+    from splitlora_mpi.wire import TRAIN
+    from splitlora_mpi.wire.mpi import MpiTransport as Transport
 
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()

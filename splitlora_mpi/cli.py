@@ -13,7 +13,8 @@ import sys
 import time
 import traceback
 
-from .config import ConfigError, JobFailed, Stopped, load_config
+from .config import load_config
+from .errors import ConfigError, JobFailed, Stopped
 
 LAUNCH = """how to launch:
   mpirun -n N+1 python -m splitlora_mpi [options]   rank 0 is the server, ranks 1..N the clients
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             if rank == 0:
                 print(cfg.to_yaml(), end="")
             return 0
-        from .runner import run
+        from .run.runner import run
 
         run(cfg)
         return 0
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _abort_world() -> None:
     if "mpi4py.MPI" in sys.modules:
-        from .protocol import abort, world_size
+        from .wire.mpi import abort, world_size
 
         if world_size() > 1:
             sys.stdout.flush()

@@ -17,25 +17,9 @@ from typing import Any, Literal
 
 import yaml
 
+from .errors import ConfigError
+
 MODEL_FAMILIES = ("gpt2", "llama", "qwen2", "mistral")
-
-
-class ConfigError(ValueError):
-    """Bad configuration, data or arguments: reported as one line, exit code 2."""
-
-
-class JobFailed(RuntimeError):
-    """A failure with a known cause (e.g. a peer that stopped answering): one line from the
-    rank that saw it, exit code 1, every rank taken down."""
-
-
-class Stopped(Exception):
-    """A signal asked the job to stop: every rank stopped after the same step and wrote a
-    checkpoint of it (exit code 143; the same command resumes)."""
-
-    def __init__(self, step: int):
-        super().__init__(f"stopped by a signal after step {step}; a checkpoint of that step was written")
-        self.step = step
 
 
 def local_or_hub(spec: str) -> str:
@@ -61,10 +45,10 @@ class RunConfig:
     name: str = _f("splitlora", "run name; the default out_dir is runs/<name>")
     out_dir: str | None = _f(None, "directory for config.yaml, metrics.jsonl, summary.json, adapter/, base/")
     seed: int = _f(0, "seed for weights, data partition and sampling", min=0)
-    mode: Literal["splitlora", "sl", "fedlora", "central"] = _f(
+    mode: str = _f(
         "splitlora",
-        "splitlora: server + clients in parallel; sl: clients take turns; fedlora: each client trains the whole "
-        "model, FedAvg; central: one rank, all data",
+        "one of the modes of splitlora_mpi/modes: splitlora: server + clients in parallel; sl: clients take "
+        "turns; fedlora: each client trains the whole model, FedAvg; central: one rank, all data",
     )
 
 
@@ -239,6 +223,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _apply_override(raw, item)
     cfg = _build(JobConfig, raw, "")
     _check_cross_fields(cfg)
+    from .modes import MODES  # (the registry of modes, each with its own rules)
+
+    if cfg.run.mode not in MODES:
+        raise ConfigError(f"config key 'run.mode': expected one of {', '.join(map(repr, MODES))}, got {cfg.run.mode!r}")
+    MODES[cfg.run.mode].check_config(cfg)
     return cfg
 
 
@@ -368,11 +357,6 @@ def _check_cross_fields(cfg: JobConfig) -> None:
                 f"config key 'model.config.model_type': expected one of {', '.join(MODEL_FAMILIES)}, got {model_type!r}"
             )
     t = cfg.train
-    if cfg.privacy.clip and cfg.run.mode not in ("splitlora", "sl"):
-        raise ConfigError(
-            f"config key 'privacy.clip': privacy protects cut-layer activations, which run.mode {cfg.run.mode} "
-            "does not send; expected 0 or run.mode splitlora / sl"
-        )
     if cfg.privacy.noise_multiplier and not cfg.privacy.clip:
         raise ConfigError(
             "config key 'privacy.noise_multiplier': the noise is in units of privacy.clip; expected privacy.clip > 0"
@@ -380,17 +364,7 @@ def _check_cross_fields(cfg: JobConfig) -> None:
     s = cfg.split
     if isinstance(s.client_layers, list) and (not s.client_layers or min(s.client_layers) < 1):
         raise ConfigError(f"config key 'split.client_layers': expected integers ≥ 1, got {s.client_layers}")
-    if isinstance(s.client_layers, list) and cfg.run.mode != "splitlora":
-        raise ConfigError(
-            f"config key 'split.client_layers': one cut point per client needs run.mode splitlora (got "
-            f"{cfg.run.mode}); expected one integer"
-        )
-    if (s.label_private or s.tail_layers) and cfg.run.mode not in ("splitlora", "sl"):
-        raise ConfigError(
-            f"config key 'split.label_private': run.mode {cfg.run.mode} sends no activations; expected false "
-            "or run.mode splitlora / sl"
-        )
-    if cfg.comm.micro_batches > 1 and (s.label_private or cfg.run.mode not in ("splitlora", "sl")):
+    if cfg.comm.micro_batches > 1 and s.label_private:
         raise ConfigError(
             "config key 'comm.micro_batches': micro-batches pipeline the plain split; expected 1 with "
             f"split.label_private or run.mode {cfg.run.mode}"
@@ -402,12 +376,6 @@ def _check_cross_fields(cfg: JobConfig) -> None:
         )
     if s.tail_layers and not s.label_private:
         raise ConfigError("config key 'split.tail_layers': the tail is held by clients; expected split.label_private")
-    every = cfg.checkpoint.every
-    if cfg.run.mode == "fedlora" and every and every % t.aggregate_every:
-        raise ConfigError(
-            f"config key 'checkpoint.every': fedlora checkpoints at the end of a round; expected a multiple of "
-            f"train.aggregate_every ({t.aggregate_every}), got {every}"
-        )
     if t.eval_every and t.eval_every % t.aggregate_every:
         raise ConfigError(
             f"config key 'train.eval_every': expected a multiple of train.aggregate_every ({t.aggregate_every}) "

@@ -17,7 +17,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .config import ConfigError, local_or_hub
+from .config import JobConfig, local_or_hub
+from .errors import ConfigError
 
 IGNORE = -100
 
@@ -292,3 +293,21 @@ class Sampler:
 def shard(n: int, num_shards: int, shard_index: int) -> list[int]:
     """Validation rows of one client: every num_shards-th row."""
     return list(range(shard_index, n, num_shards))
+
+
+def train_val_paths(cfg: JobConfig) -> tuple[Path, Path]:
+    """The configured files, or the packaged E2E sample."""
+    train, val = packaged_data_paths()
+    if (cfg.data.train_path is None or cfg.data.val_path is None) and cfg.data.format != "e2e":
+        raise ConfigError(
+            "config key 'data.val_path': the packaged sample is e2e; set data.train_path and "
+            "data.val_path for data.format=jsonl"
+        )
+    return Path(cfg.data.train_path or train), Path(cfg.data.val_path or val)
+
+
+def load_split(cfg: JobConfig, tok: Tokenizer, which: str) -> EncodedData:
+    """The encoded training (`which="train"`) or validation rows of the configured data."""
+    path = train_val_paths(cfg)[0 if which == "train" else 1]
+    fmt = cfg.data.format
+    return encode_examples(read_examples(path, fmt), tok, cfg.data.max_seq_len, fmt)

@@ -42,7 +42,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, JobConfig, load_config
+from .config import JobConfig, load_config
+from .errors import ConfigError
 
 DECODINGS = ("greedy", "beam")
 METRICS = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
@@ -122,8 +123,8 @@ def _require_packages() -> None:
 
 def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
     """Decode, score, write RUN_DIR/eval/; returns what scores.json holds."""
-    from . import checkpoint
     from .data import load_tokenizer, packaged_data_paths, read_examples
+    from .fsutil import write_atomic
 
     run: Path = args.run_dir
     cfg = load_run_config(run)
@@ -153,8 +154,8 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
 
     out = run / "eval"
     for decoding, preds in predictions.items():
-        checkpoint.write_atomic(out / f"predictions_{decoding}.txt", "".join(p + "\n" for p in preds).encode())
-    checkpoint.write_atomic(out / "references.txt", references_text(refs).encode())
+        write_atomic(out / f"predictions_{decoding}.txt", "".join(p + "\n" for p in preds))
+    write_atomic(out / "references.txt", references_text(refs))
     result = {
         **scores,
         "n_mrs": len(mrs),
@@ -171,7 +172,7 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
         "meteor_note": meteor_note(java),
         "seconds": seconds,
     }
-    checkpoint.write_atomic(out / "scores.json", (json.dumps(result, indent=2) + "\n").encode())
+    write_atomic(out / "scores.json", (json.dumps(result, indent=2) + "\n"))
     for decoding in predictions:
         say(f"{decoding}: " + "  ".join(f"{m} {scores[decoding][m]:.4f}" for m in METRICS))
     say(f"wrote {out}/")

@@ -14,7 +14,9 @@ import copy
 import hashlib
 import json
 import logging
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -28,7 +30,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.masking_utils import create_causal_mask
 
-from .config import ConfigError, JobConfig, local_or_hub
+from .config import JobConfig, local_or_hub
+from .errors import ConfigError
 
 Role = Literal["client", "server", "full"]
 log = logging.getLogger(__name__)
@@ -47,6 +50,7 @@ class Family:
 GPT2 = Family(blocks="h", final_norm="ln_f", client_only=("wpe", "drop"))
 LLAMA = Family(blocks="layers", final_norm="norm", client_only=(), rotary="rotary_emb")
 FAMILIES = {"gpt2": GPT2, "llama": LLAMA, "qwen2": LLAMA, "mistral": LLAMA}
+_RNG_LOCK = threading.Lock()
 
 
 def family_of(config: PretrainedConfig) -> Family:
@@ -162,6 +166,15 @@ def _module_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") % (2**63)
 
 
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Draw from torch's global generator seeded with `seed`, and restore it after. One
+    thread at a time: ranks may be threads of one process (the in-process transport)."""
+    with _RNG_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def _post_order(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
     for name, child in module.named_children():
         yield from _post_order(child, f"{prefix}{name}.")
@@ -175,8 +188,7 @@ def _seeded_init(lm: PreTrainedModel, seed: int, tied: bool) -> None:
     for name, module in _post_order(lm):
         if module is head:
             continue  # its weight is the input embedding's
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_module_seed(seed, name))
+        with _seeded(_module_seed(seed, name)):
             lm._init_weights(module)
 
 
@@ -251,8 +263,7 @@ class SplitPart(nn.Module):
         lm = build_base(cfg, config, role, device, client, self.tensors_read)
         self.has_head = lm.get_output_embeddings() is not None
         self.cut = cfg.split.cut_of(client)  # (client: the blocks before the cut)
-        with torch.random.fork_rng(devices=[]):  # same LoRA init on every client and in central
-            torch.manual_seed(_module_seed(cfg.run.seed, f"lora:{role}"))
+        with _seeded(_module_seed(cfg.run.seed, f"lora:{role}")):  # same LoRA init on every client and in central
             try:
                 self.peft: PeftModel = get_peft_model(lm, peft_lora_config(cfg))
             except ValueError as e:

@@ -28,7 +28,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from .config import ConfigError
+from .errors import ConfigError
 
 FIGSIZE = (11.0, 4.2)  # inches; the PNG is FIGSIZE * DPI pixels (no tight bbox, so the size is predictable)
 DPI = 120

@@ -28,8 +28,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ConfigError
-from .runlog import atomic_dir, write_atomic
+from .errors import ConfigError
+from .fsutil import atomic_dir, say, write_atomic
 
 
 @dataclass(frozen=True)
@@ -147,10 +147,6 @@ def _require_gguf_support() -> None:
         raise ConfigError(
             f"missing packages {', '.join(missing)}; expected the gguf extra: pip install 'splitlora_mpi[gguf]'"
         )
-
-
-def say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

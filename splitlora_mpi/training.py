@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from transformers import get_linear_schedule_with_warmup
 
-from .config import ConfigError, Stopped, TrainConfig
+from .config import TrainConfig
 from .data import EncodedData, make_batch
+from .errors import Diverged, Stopped
 from .model import SplitPart
 
 
@@ -32,16 +33,6 @@ def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: flo
         label_smoothing=label_smoothing,
     )
     return loss, n
-
-
-class Diverged(ConfigError):
-    """The training loss is not finite: stop every rank (exit 2) before anything is updated."""
-
-    def __init__(self, step: int, loss: float):
-        super().__init__(
-            f"training diverged: the loss is {loss} at step {step}; expected a finite loss "
-            "(lower train.lr, or check the data and model.dtype)"
-        )
 
 
 class PartTrainer:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import sys
 
-from splitlora_mpi import cli, client, server
+from splitlora_mpi import cli
+from splitlora_mpi.roles import client, server
 
 rank, bad_step = int(sys.argv[1]), int(sys.argv[2])
 if cli.launcher_rank() == rank:

@@ -16,8 +16,8 @@ import torch
 from conftest import run_cmd, splitlora
 from safetensors.torch import load_file
 
-from splitlora_mpi import checkpoint
-from splitlora_mpi.config import ConfigError
+from splitlora_mpi.errors import ConfigError
+from splitlora_mpi.run import checkpoint
 
 RANKS = 3
 # small rows and batches: many fast steps, so a signal lands mid-run

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from splitlora_mpi.config import ConfigError, JobConfig, default_config_path, load_config
+from splitlora_mpi.config import JobConfig, default_config_path, load_config
+from splitlora_mpi.errors import ConfigError
 
 
 def test_packaged_default_equals_dataclass_defaults():

@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from splitlora_mpi.config import ConfigError
 from splitlora_mpi.data import (
     ByteTokenizer,
     Example,
@@ -19,6 +18,7 @@ from splitlora_mpi.data import (
     read_examples,
     shard,
 )
+from splitlora_mpi.errors import ConfigError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 LONG_MR = "name : The Eagle | eatType : coffee shop | food : Japanese | priceRange : less than £20 | near : Burger King"

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from splitlora_mpi.config import ConfigError, load_config
+from splitlora_mpi.config import load_config
+from splitlora_mpi.errors import ConfigError
 from splitlora_mpi.model import SplitPart, build_base, export_adapter, hf_config
 
 CPU = torch.device("cpu")

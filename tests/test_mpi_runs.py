@@ -318,7 +318,7 @@ def test_clients_with_their_own_cut_points(tmp_path):
     """Cut points [1, 2]: client 2 runs block 1 itself, the server runs it for client 1. After
     each FedAvg every copy of a block is the same: block 0 on both clients, block 1 on client 2
     and the server (checked in the checkpoint of the last step)."""
-    from splitlora_mpi import checkpoint
+    from splitlora_mpi.run import checkpoint
 
     out = _run(tmp_path, "splitlora", 3, "--set", "split.client_layers=[1, 2]", "--set", "checkpoint.every=8")
     s, rows = run_summary(out), run_rows(out)

@@ -15,7 +15,7 @@ import pytest
 from matplotlib.figure import Figure
 
 from splitlora_mpi import plot
-from splitlora_mpi.config import ConfigError
+from splitlora_mpi.errors import ConfigError
 from splitlora_mpi.plot import MB_LABEL, TIME_LABEL, plot_runs, time_to_target
 
 # (step, wall_s, sent_bytes, val_loss): the eval rows of a run; train-only rows go in between

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from splitlora_mpi.config import ConfigError, load_config
+from splitlora_mpi.config import load_config
+from splitlora_mpi.errors import ConfigError
 from splitlora_mpi.privacy import privatize
 
 

@@ -15,7 +15,8 @@ from conftest import run_adapter, run_cmd, run_rows, run_summary, splitlora
 from safetensors import safe_open
 
 from splitlora_mpi import prepare_model
-from splitlora_mpi.config import ConfigError, load_config
+from splitlora_mpi.config import load_config
+from splitlora_mpi.errors import ConfigError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}

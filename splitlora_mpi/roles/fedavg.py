@@ -18,20 +18,20 @@ from typing import Any
 
 import numpy as np
 
-from . import aggregate
-from .central import Central
-from .config import JobConfig
-from .data import EncodedData
-from .model import SplitPart
-from .protocol import Transport
-from .training import (
-    Diverged,
+from .. import aggregate
+from ..config import JobConfig
+from ..data import EncodedData
+from ..errors import Diverged
+from ..model import SplitPart
+from ..training import (
     PartTrainer,
     checkpoint_or_stop,
     evaluate_whole,
     is_aggregation_step,
     is_eval_step,
 )
+from ..wire import Transport
+from .whole import WholeModel
 
 PER_STEP = 3  # loss sum, target tokens, tokens
 
@@ -78,11 +78,15 @@ class _Round:
 class FedClient:
     """One client: local steps on the whole model, then the round's Allreduce."""
 
-    def __init__(self, local: Central, transport: Transport):
+    def __init__(self, local: WholeModel, transport: Transport):
         self.local = local
+        self.parts = local.parts
         self.cfg = local.cfg
         self.transport = transport
         self.tokens_since_average = 0
+
+    def accept(self, verdict: dict[str, Any]) -> None:
+        """(Nothing to learn from rank 0.)"""
 
     def run(self, start: int, on_checkpoint: Callable[[int], None], stop_requested: Callable[[], bool]) -> None:
         step = start
@@ -132,13 +136,25 @@ class FedServer:
                  transport: Transport):  # fmt: skip
         self.cfg = cfg
         self.client_part, self.server_part = client_part, server_part
+        self.parts = [client_part, server_part]
         self.schedule = PartTrainer(server_part, cfg.train)  # for the logged learning rate only
         self.val = val
         self.transport = transport
         self.tokens = 0
+        self.num_clients = transport.size - 1
+
+    def meet(self, hellos: dict[int, dict[str, Any]]) -> None:
+        """(Every client trains the same whole model.)"""
 
     def adapter_state(self) -> aggregate.State:
         return {**self.client_part.adapter_state(), **self.server_part.adapter_state()}
+
+    def trainable_params(self) -> int:
+        return 0  # rank 0 only averages and evaluates
+
+    def client_peer_bytes(self, step: int) -> int:
+        """Every rank's Allreduce buffer is the size of rank 0's."""
+        return self.num_clients * self.transport.metrics.sent_bytes[("all", "adapters")]
 
     def run(
         self,
@@ -158,7 +174,7 @@ class FedServer:
             result = _Round(self.transport.allreduce_sum(buf, world=True), numel, steps)
             seconds = (time.perf_counter() - round_start) / len(steps)  # the round, seen from rank 0
             result.check_finite()
-            for part in (self.client_part, self.server_part):
+            for part in self.parts:
                 average = result.average(state)
                 part.load_adapter_state({k: average[k] for k in part.adapter_state()})
             for step, loss, tokens in result.per_step():
@@ -176,6 +192,6 @@ class FedServer:
                 "tokens": self.tokens}  # fmt: skip
 
     def load_state(self, state: dict[str, Any]) -> None:
-        for part in (self.client_part, self.server_part):
+        for part in self.parts:
             part.load_adapter_state({k: state["adapter"][k] for k in part.adapter_state()})
         self.tokens = state["tokens"]

@@ -5,47 +5,11 @@ so an interrupted run never leaves a half-written file behind."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from . import checkpoint
-from .config import ConfigError
-
-
-def check_writable(out_dir: Path) -> None:
-    """Fail before any work (exit 2) if the output directory cannot be written."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise ConfigError(f"config key 'run.out_dir': cannot write to {out_dir}: {e.strerror or e}") from None
-
-
-def write_atomic(path: Path, text: str) -> None:
-    checkpoint.write_atomic(path, text.encode())
-
-
-@contextmanager
-def atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield a temp directory that replaces `path` only once it is completely written."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    yield tmp
-    old = path.with_name(f".{path.name}.old")
-    if path.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+from ..fsutil import write_atomic
 
 
 class RunLog:
@@ -118,7 +82,3 @@ def _rows(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)

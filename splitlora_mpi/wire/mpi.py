@@ -1,11 +1,9 @@
-"""The wire: raw-buffer messages between server (rank 0) and clients, with deadlines.
+"""The Transport over MPI: the only importer of mpi4py.
 
-The only importer of mpi4py. A tensor message is a fixed 8 x int64 header (step, dtype,
-shape) followed by the tensor's bytes, sent as a contiguous buffer: no pickle on the hot
-path. Every phase has its own tags so a fast client's next message can never match a
-receive meant for another phase. Every wait polls with short sleeps and a deadline
-(`comm.timeout_s`): blocking MPI waits spin and burn a core, and never time out.
-Control objects (handshake, run statistics, export) are pickled: they are off the hot path.
+A tensor travels as a fixed 8 x int64 header (step, dtype, shape, flag) and the tensor's
+bytes as a contiguous buffer: no pickle on the hot path. Every wait polls with short
+sleeps and a deadline: blocking MPI waits spin, burn a core, and never time out. Control
+objects (handshake, run statistics, export) are pickled: they are off the hot path.
 """
 
 from __future__ import annotations
@@ -13,57 +11,20 @@ from __future__ import annotations
 import pickle
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from mpi4py import MPI
 
-from .config import ConfigError, JobFailed
-from .metrics import Metrics
+from ..errors import CommTimeout
+from ..metrics import Metrics
+from . import CONTINUE, HEADER_BYTES, SERVER, Message, Outgoing, timeout_message
 
-SERVER = 0
-HEADER_LEN = 8
-DTYPES = [
-    torch.float32,
-    torch.bfloat16,
-    torch.float16,
-    torch.int32,
-    torch.int64,
-    torch.int8,
-    torch.float64,
-]  # codes: append only
-
-# header[7]: on an upload, the client asks to stop (it got SIGTERM/SIGINT); on a gradient
-# reply, what every client does after this step
-CONTINUE, DIVERGED, STOP = 0, 1, 2
-
-# phase tags: a message's tag is phase + 2 x (index of the tensor in the message) + header/payload;
-# TAIL / EVAL_TAIL: label privacy, the server's output to the client's tail and what comes back
-TRAIN, TAIL, EVAL, EVAL_TAIL, HANDSHAKE, EXPORT, STATS, CHECKPOINT, HANDOFF = (
-    100,
-    150,
-    200,
-    250,
-    400,
-    410,
-    420,
-    430,
-    440,
-)
+HEADER_LEN = HEADER_BYTES // 8
+# codes: append only
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.int64, torch.int8, torch.float64]
 _HEADER, _PAYLOAD = 0, 1
-
-
-class CommTimeout(JobFailed):
-    """A peer did not answer within comm.timeout_s."""
-
-
-@dataclass
-class Message:
-    step: int
-    tensor: torch.Tensor
-    flag: int = CONTINUE
 
 
 def world_size() -> int:
@@ -79,8 +40,8 @@ def abort(code: int) -> None:
     MPI.COMM_WORLD.Abort(code)
 
 
-class Transport:
-    """Counted, deadline-bounded point-to-point messages and the clients' Allreduce."""
+class MpiTransport:
+    """`Transport` over MPI.COMM_WORLD; FedAvg over a clients-only communicator."""
 
     def __init__(self, timeout_s: float, metrics: Metrics):
         self.comm = MPI.COMM_WORLD
@@ -96,12 +57,7 @@ class Transport:
     # ------------------------------------------------------------ waiting
 
     def _poll(
-        self,
-        done: Callable[[], bool],
-        op: str,
-        pending: Callable[[], list[int]],
-        what: str,
-        timeout_s: float | None = None,
+        self, done: Callable[[], bool], op: str, pending: Callable[[], list[int]], what: str, timeout_s: float = 0
     ) -> None:
         """Call `done()` until it is true: a short spin, then sleeps growing to 1 ms, up to comm.timeout_s
         (or `timeout_s` for a wait known to span several steps)."""
@@ -115,10 +71,7 @@ class Transport:
                 time.sleep(nap)
                 nap = min(2 * nap, 0.001)
             if time.monotonic() > deadline:
-                raise CommTimeout(
-                    f"rank {self.rank}: no answer from rank(s) {sorted(set(pending()))} within "
-                    f"{timeout_s:g} s (comm.timeout_s={self.timeout_s:g}) while {what}"
-                )
+                raise CommTimeout(timeout_message(self.rank, pending(), timeout_s, self.timeout_s, what))
         if self.metrics.timing:
             self.metrics.comm(op, time.perf_counter() - start)
 
@@ -129,22 +82,14 @@ class Transport:
         self._poll(lambda: MPI.Request.Testall(requests), op, pending, what)
 
     def barrier(self, what: str) -> None:
-        """A barrier that sleeps instead of spinning, with a deadline."""
         self._wait([self.comm.Ibarrier()], "recv", what, [-1])
 
     # ------------------------------------------------------------ tensors
 
-    def send_tensors(
-        self, phase: int, step: int, messages: dict[int, list[tuple[torch.Tensor, str]]], flag: int = CONTINUE
-    ) -> None:
-        """Send each destination its tensors (each: header + raw bytes); wait until all are sent."""
+    def send_tensors(self, phase: int, step: int, messages: Outgoing, flag: int = CONTINUE) -> None:
         self.isend_tensors(phase, step, messages, flag)()
 
-    def isend_tensors(
-        self, phase: int, step: int, messages: dict[int, list[tuple[torch.Tensor, str]]], flag: int = CONTINUE
-    ) -> Callable[[], None]:
-        """Start sending (as `send_tensors`); returns the wait for completion, so the caller can
-        compute meanwhile (micro-batches)."""
+    def isend_tensors(self, phase: int, step: int, messages: Outgoing, flag: int = CONTINUE) -> Callable[[], None]:
         requests: list[MPI.Request] = []
         peers: list[int] = []
         keep: list[np.ndarray] = []  # buffers must outlive the requests
@@ -166,8 +111,7 @@ class Transport:
         return wait
 
     def recv_tensors(self, sources: list[int], phase: int, kinds: list[str]) -> dict[int, list[Message]]:
-        """Receive len(kinds) tensors from each source, in whatever order the sources send:
-        a payload receive is posted as soon as its header arrives."""
+        """A payload receive is posted as soon as its header arrives."""
         headers = {(s, i): np.zeros(HEADER_LEN, dtype=np.int64) for s in sources for i in range(len(kinds))}
         waiting = {key: self.comm.Irecv([buf, MPI.INT64_T], key[0], phase + 2 * key[1] + _HEADER)
                    for key, buf in headers.items()}  # fmt: skip
@@ -195,14 +139,13 @@ class Transport:
     # ------------------------------------------------------------ control objects
 
     def send_object(self, dest: int, phase: int, obj: Any, kind: str = "control") -> int:
-        """Pickle and send one object; returns its size in bytes."""
         data = np.frombuffer(pickle.dumps(obj), dtype=np.uint8)
         self.metrics.sent(dest, kind, data.nbytes)
         self._wait([self.comm.Isend([data, MPI.BYTE], dest, phase)], "send", f"sending phase {phase}", [dest])
         return data.nbytes
 
     def recv_objects(self, sources: list[int], phase: int, kind: str = "control") -> dict[int, Any]:
-        """Receive one pickled object from each source, probing for its size."""
+        """Probes for each object's size."""
         out: dict[int, Any] = {}
         status = MPI.Status()
 
@@ -221,8 +164,6 @@ class Transport:
     def recv_any(
         self, sources: list[int], phase: int, timeout_s: float, kind_of: Callable[[Any], str]
     ) -> tuple[int, Any]:
-        """The first pickled object any of `sources` sends (sl mode: a client waits for its turn);
-        `kind_of(obj)` names the byte kind it is counted as."""
         status = MPI.Status()
         got: list[tuple[int, Any]] = []
 
@@ -238,46 +179,15 @@ class Transport:
         self._poll(done, "recv", lambda: sources, f"waiting for its turn (phase {phase})", timeout_s)
         return got[0]
 
-    # ------------------------------------------------------------ handshake
-
-    def client_handshake(self, fingerprint: dict[str, Any], hello: dict[str, Any], error: str | None) -> dict[str, Any]:
-        """Send the server this client's fingerprint (or its set-up error); wait for the verdict:
-        `resume` (the step to resume from, None: start afresh) and what the server shares."""
-        self.send_object(SERVER, HANDSHAKE, {"fingerprint": fingerprint, "error": error, **hello})
-        verdict = self.recv_objects([SERVER], HANDSHAKE)[SERVER]
-        if verdict["error"] is not None:
-            raise ConfigError(verdict["error"])
-        return verdict
-
-    def server_handshake(
-        self,
-        clients: list[int],
-        fingerprint: dict[str, Any],
-        error: str | None,
-        share: Callable[[dict[int, Any]], dict[str, Any]],
-    ) -> dict[int, Any]:
-        """Every client must be ready and configured like the server; all ranks stop otherwise.
-        The verdict also carries `share(hellos)` to every client (e.g. the step to resume from)."""
-        hellos = self.recv_objects(clients, HANDSHAKE)
-        error = error or _verdict(fingerprint, hellos)
-        verdict = {"error": error, **(share(hellos) if error is None else {})}
-        for c in clients:
-            self.send_object(c, HANDSHAKE, verdict)
-        if error is not None:
-            raise ConfigError(error)
-        return hellos
-
     # ------------------------------------------------------------ clients' allreduce
 
     def open_clients_group(self) -> None:
-        """Collective over all ranks: the clients-only communicator used for FedAvg."""
         self.barrier("forming the clients' communicator")
         color = MPI.UNDEFINED if self.rank == SERVER else 1
         self._clients = self.comm.Split(color, self.rank)
 
     def allreduce_sum(self, buf: np.ndarray, world: bool = False) -> np.ndarray:
-        """Sum `buf` over all clients, or over all ranks with `world` (fedlora), with one
-        non-blocking Allreduce polled with a deadline."""
+        """One non-blocking Allreduce polled with a deadline."""
         comm, peer = (self.comm, "all") if world else (self._clients, "clients")
         assert comm is not None, "open_clients_group() first"
         out = np.empty_like(buf)
@@ -286,25 +196,6 @@ class Transport:
         self.metrics.received(peer, "adapters", out.nbytes)
         self._wait([req], "allreduce", f"averaging adapters (Allreduce over {peer})", [-1])
         return out
-
-
-def _verdict(mine: dict[str, Any], hellos: dict[int, dict[str, Any]]) -> str | None:
-    """None when every client is ready and configured like the server, else the one-line reason."""
-    for rank in sorted(hellos):
-        if hellos[rank]["error"]:
-            return hellos[rank]["error"]
-    for rank in sorted(hellos):
-        theirs = hellos[rank]["fingerprint"]
-        for key in sorted(set(mine) | set(theirs)):
-            if mine.get(key) != theirs.get(key):
-                return (
-                    f"handshake refused: rank {rank} was started with {key}={theirs.get(key)!r}, "
-                    f"the server with {key}={mine.get(key)!r}; every rank needs the same config"
-                )
-    rows = sorted({h["val_rows"] for h in hellos.values()})
-    if len(rows) > 1:
-        return f"config key 'data.val_path': the clients read {rows} validation rows; expected the same file everywhere"
-    return None
 
 
 def _header(step: int, tensor: torch.Tensor, flag: int) -> np.ndarray:

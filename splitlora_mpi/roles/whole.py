@@ -1,4 +1,5 @@
-"""The central baseline (CenLoRA): one rank, the whole model, all data.
+"""The whole model in one process: the central baseline (CenLoRA, all data on one rank)
+and each FedLoRA client's local training.
 
 It is the split run with the wire taken out: the same two parts, sampler, optimizers,
 schedule and loss, so a split run with one client must match it step for step.
@@ -12,14 +13,14 @@ from typing import Any
 
 import torch
 
-from .config import JobConfig
-from .data import EncodedData, Sampler, make_batch
-from .metrics import Metrics
-from .model import SplitPart
-from .training import PartTrainer, checkpoint_or_stop, evaluate_whole, is_eval_step, server_update
+from ..config import JobConfig
+from ..data import EncodedData, Sampler, make_batch
+from ..metrics import Metrics
+from ..model import SplitPart
+from ..training import PartTrainer, checkpoint_or_stop, evaluate_whole, is_eval_step, server_update
 
 
-class Central:
+class WholeModel:
     def __init__(
         self,
         cfg: JobConfig,
@@ -40,7 +41,11 @@ class Central:
         self.val = val
         self.device = next(client_part.parameters()).device
         self.metrics = metrics
+        self.parts = [client_part, server_part]
         self.tokens = 0
+
+    def meet(self, hellos: dict[int, dict[str, Any]]) -> None:
+        """(No clients.)"""
 
     def run(
         self,
@@ -98,5 +103,11 @@ class Central:
         return {**self.client.part.adapter_state(), **self.server.part.adapter_state()}
 
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
-        for part in (self.client.part, self.server.part):
+        for part in self.parts:
             part.load_adapter_state({k: state[k] for k in part.adapter_state()})
+
+    def trainable_params(self) -> int:
+        return sum(p.numel() for p in self.server.params)
+
+    def client_peer_bytes(self, step: int) -> int:
+        return 0

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,8 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError
+from ..errors import ConfigError
+from ..fsutil import write_atomic
 
 MANIFEST = "manifest.json"
 
@@ -36,22 +36,6 @@ def step_dir(out_dir: Path, step: int) -> Path:
 
 def rank_file(out_dir: Path, step: int, rank: int) -> Path:
     return step_dir(out_dir, step) / f"rank-{rank}.pt"
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Temp file + fsync + rename (+ fsync of the directory): the old file or the new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def to_bytes(state: dict[str, Any]) -> bytes:

@@ -1,0 +1,142 @@
+"""The interface every training scheme implements, and what the runner hands it.
+
+A mode decides which role each rank plays and what that role holds; the runner does the
+rest alike for every mode (data, handshake, checkpoints, export, outputs, metrics). Adding
+a mode = one module here implementing `Mode` + one line in `modes/__init__.py`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+if TYPE_CHECKING:  # (modes load with the config, before torch: fast failure on bad input)
+    import torch
+    from transformers import PretrainedConfig
+
+    from ..config import JobConfig
+    from ..data import EncodedData
+    from ..model import SplitPart
+    from ..wire import Transport
+    from ..wire.messages import Channel
+
+OnStep = Callable[[int, float, int, float, "float | None"], None]  # step, loss, tokens, lr, val loss
+
+
+class Lead(Protocol):
+    """Rank 0's role: it runs the step loop the log follows, and holds the run's outputs."""
+
+    parts: list[SplitPart]  # what this rank holds, client side first
+    tokens: int
+
+    def meet(self, hellos: dict[int, dict[str, Any]]) -> None: ...
+    def run(self, on_step: OnStep, start: int, on_checkpoint: Callable[[int], None],
+            stop_requested: Callable[[], bool]) -> None: ...  # fmt: skip
+    def state(self) -> dict[str, Any]: ...
+    def load_state(self, state: dict[str, Any]) -> None: ...
+    def adapter_state(self) -> dict[str, torch.Tensor]: ...  # this rank's share of the exported adapter
+    def trainable_params(self) -> int: ...
+    def client_peer_bytes(self, step: int) -> int: ...  # what clients sent each other (rank 0 cannot see it)
+
+
+class ClientRole(Protocol):
+    parts: list[SplitPart]
+    tokens: int
+
+    def accept(self, verdict: dict[str, Any]) -> None: ...
+    def run(self, start: int, on_checkpoint: Callable[[int], None], stop_requested: Callable[[], bool]) -> None: ...
+    def state(self) -> dict[str, Any]: ...
+    def load_state(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class Setup:
+    """What the runner built for this rank, for the mode to build a role from."""
+
+    cfg: JobConfig
+    config: PretrainedConfig  # the Hugging Face model config
+    transport: Transport
+    channel: Channel
+    device: torch.device
+    clients: list[int]  # client ranks (none in a one-rank mode)
+    data: Callable[[str], EncodedData]  # "train" / "val": the encoded rows of this rank's file
+    rows: Callable[[EncodedData], list[int]]  # this rank's training rows
+
+    @property
+    def index(self) -> int:
+        """This client's index (0-based)."""
+        return self.transport.rank - 1
+
+    def part(self, role: str, client: int = 0) -> SplitPart:
+        from ..model import SplitPart
+
+        return SplitPart(self.cfg, self.config, role, self.device, client)  # type: ignore[arg-type]
+
+
+class Mode(ABC):
+    name: ClassVar[str]
+    one_rank: ClassVar[bool] = False  # central: one process, no mpirun, no clients
+    lead_role: ClassVar[str] = "server"  # rank 0's name in metrics and summary.json
+
+    def check_config(self, cfg: JobConfig) -> None:
+        """This mode's rules (raise ConfigError naming the key), checked when the config loads."""
+        return None
+
+    @abstractmethod
+    def lead(self, s: Setup) -> Lead:
+        """Rank 0's role. Errors here reach every client through the handshake."""
+
+    def client(self, s: Setup) -> ClientRole:
+        raise NotImplementedError(f"{self.name} has no clients")
+
+    def share(self, cfg: JobConfig, hellos: dict[int, dict[str, Any]]) -> dict[str, Any]:
+        """What rank 0 tells every client with the handshake's verdict, beyond the resume step."""
+        return {}
+
+    def savers(self, cfg: JobConfig, step: int, clients: list[int]) -> list[int]:
+        """The clients whose state a checkpoint of `step` holds."""
+        return clients
+
+    def exporter(self, cfg: JobConfig, clients: list[int]) -> int | None:
+        """The client rank that sends rank 0 the final client-side adapter (None: rank 0 has it)."""
+        return None
+
+    def summary(self, lead: Lead, stats: dict[int, dict[str, Any]], rss_mb: float) -> dict[str, Any]:
+        """summary.json facts on the clients: `stats` is what each client reported at the end."""
+        return {
+            "num_clients": len(stats),
+            "tokens_by_client": [s["tokens"] for s in stats.values()],
+            "client_trainable_params": max(s["trainable_params"] for s in stats.values()),
+            "server_trainable_params": lead.trainable_params(),
+            "peak_rss_mb": {"server": rss_mb, "client_max": max(s["peak_rss_mb"] for s in stats.values())},
+            "peak_rss_mb_by_client": [round(s["peak_rss_mb"], 1) for s in stats.values()],
+        }
+
+
+def refuse_cut_options(cfg: JobConfig) -> None:
+    """The rules of a mode that sends no activations (every rank holds the whole model)."""
+    from ..errors import ConfigError
+
+    mode, s = cfg.run.mode, cfg.split
+    if cfg.privacy.clip:
+        raise ConfigError(
+            f"config key 'privacy.clip': privacy protects cut-layer activations, which run.mode {mode} "
+            "does not send; expected 0 or run.mode splitlora / sl"
+        )
+    if isinstance(s.client_layers, list):
+        raise ConfigError(
+            f"config key 'split.client_layers': one cut point per client needs run.mode splitlora (got "
+            f"{mode}); expected one integer"
+        )
+    if s.label_private or s.tail_layers:
+        raise ConfigError(
+            f"config key 'split.label_private': run.mode {mode} sends no activations; expected false "
+            "or run.mode splitlora / sl"
+        )
+    if cfg.comm.micro_batches > 1:
+        raise ConfigError(
+            "config key 'comm.micro_batches': micro-batches pipeline the plain split; expected 1 with "
+            f"split.label_private or run.mode {mode}"
+        )

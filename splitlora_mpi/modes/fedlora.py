@@ -1,0 +1,36 @@
+"""FedLoRA: every client trains the whole model with LoRA on its own data; one Allreduce
+over every rank averages the adapters each round. Rank 0 evaluates and logs."""
+
+from __future__ import annotations
+
+from ..config import JobConfig
+from ..errors import ConfigError
+from .base import ClientRole, Lead, Mode, Setup, refuse_cut_options
+
+
+class FedLoRA(Mode):
+    name = "fedlora"
+
+    def check_config(self, cfg: JobConfig) -> None:
+        refuse_cut_options(cfg)
+        every, t = cfg.checkpoint.every, cfg.train
+        if every and every % t.aggregate_every:
+            raise ConfigError(
+                f"config key 'checkpoint.every': fedlora checkpoints at the end of a round; expected a multiple of "
+                f"train.aggregate_every ({t.aggregate_every}), got {every}"
+            )
+
+    def lead(self, s: Setup) -> Lead:
+        from ..roles.fedavg import FedServer
+
+        val = s.data("val")  # rank 0 evaluates the averaged whole model
+        return FedServer(s.cfg, s.part("client"), s.part("server"), val, s.transport)
+
+    def client(self, s: Setup) -> ClientRole:
+        from ..roles.fedavg import FedClient
+        from ..roles.whole import WholeModel
+
+        train, val = s.data("train"), s.data("val")
+        parts = s.part("client", s.index), s.part("server")  # the whole model, as two parts (exactly as central)
+        local = WholeModel(s.cfg, *parts, train, s.rows(train), val, s.transport.metrics, s.index)
+        return FedClient(local, s.transport)

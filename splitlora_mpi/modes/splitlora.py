@@ -1,0 +1,50 @@
+"""SplitLoRA: clients run the first blocks on their own data in parallel, the server the
+rest on all their activations at once; client adapters are averaged (FedAvg) every
+`train.aggregate_every` steps. Clients may have their own cut points."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import JobConfig
+from ..errors import ConfigError
+from .base import ClientRole, Lead, Mode, Setup
+
+
+def check_cut_points(cfg: JobConfig, num_clients: int) -> None:
+    cuts = cfg.split.cuts()
+    if len(cuts) > 1 and len(cuts) != num_clients:
+        raise ConfigError(
+            f"config key 'split.client_layers': {len(cuts)} cut points for {num_clients} clients; expected one "
+            "value per client (or a single value for all)"
+        )
+
+
+class SplitLoRA(Mode):
+    name = "splitlora"
+
+    def lead(self, s: Setup) -> Lead:
+        from ..roles.server import Server
+
+        check_cut_points(s.cfg, len(s.clients))
+        return Server(s.cfg, s.part("server"), s.channel, s.clients)
+
+    def client(self, s: Setup) -> ClientRole:
+        from ..roles.client import Client
+
+        check_cut_points(s.cfg, len(s.clients))
+        train, val = s.data("train"), s.data("val")
+        part = s.part("client", s.index)
+        return Client(s.cfg, part, train, s.rows(train), val, s.channel, s.index, len(s.clients))
+
+    def share(self, cfg: JobConfig, hellos: dict[int, dict[str, Any]]) -> dict[str, Any]:
+        """Per-client cut points: every client-side adapter tensor (key: shape), for FedAvg by key."""
+        if len(cfg.split.cuts()) == 1:
+            return {}
+        return {"layout": {k: v for h in hellos.values() for k, v in h["adapter_shapes"].items()}}
+
+    def exporter(self, cfg: JobConfig, clients: list[int]) -> int | None:
+        """After the final average every client holds the same values of its blocks: the one
+        with the most blocks has them all."""
+        cuts = cfg.split.cuts()
+        return clients[cuts.index(max(cuts))]

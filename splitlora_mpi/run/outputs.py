@@ -1,0 +1,58 @@
+"""What rank 0 writes at the end (DESIGN §4): the adapter (and base) directories and summary.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import JobConfig
+from ..fsutil import atomic_dir
+from ..model import SplitPart, build_base, export_adapter
+from .runlog import RunLog
+
+
+def write_model_outputs(cfg: JobConfig, config: Any, part: SplitPart, state: dict[str, torch.Tensor]) -> None:
+    """adapter/ (one PEFT adapter, client + server layers) and base/ when built from config."""
+    out = cfg.out_dir
+    base_ref = cfg.model.name_or_path
+    if base_ref is not None and base_ref.startswith("~"):
+        base_ref = str(Path(base_ref).expanduser())  # loaders other than ours do not expand it
+    if base_ref is None:
+        base_ref = str((out / "base").resolve())
+        with atomic_dir(out / "base") as tmp:
+            build_base(cfg, config, "full", torch.device("cpu")).save_pretrained(tmp)
+    with atomic_dir(out / "adapter") as tmp:
+        export_adapter(tmp, part, state, base_ref)
+
+
+def holdings(role: str, parts: list[SplitPart]) -> dict[str, Any]:
+    """What one rank holds, for summary.json `model_parts`: its blocks, its base (non-LoRA)
+    parameters counted once by name, and the checkpoint keys it read."""
+    base = {n: p.numel() for part in parts for n, p in part.peft.named_parameters() if "lora_" not in n}
+    return {
+        "role": role,
+        "blocks": sorted({b for part in parts for b in part.blocks_held()}),
+        "base_params": sum(base.values()),
+        "tensors_read": sorted({k for part in parts for k in part.tensors_read}),
+    }
+
+
+def summary(cfg: JobConfig, log: RunLog, world_size: int, **facts: Any) -> dict[str, Any]:
+    """summary.json: the run's totals plus the facts only the caller knows (DESIGN §4 keys)."""
+    wall = log.wall_s
+    facts["peak_rss_mb"] = {k: round(v, 1) for k, v in facts["peak_rss_mb"].items()}
+    return {
+        "mode": cfg.run.mode,
+        "world_size": world_size,
+        "num_clients": facts.pop("num_clients"),
+        "steps": cfg.train.steps,
+        "tokens": log.tokens,
+        "wall_s": round(wall, 3),
+        "tokens_per_s": log.tokens / wall,
+        "final_train_loss": log.last_train_loss,
+        "final_val_loss": log.last_val_loss,
+        "privacy": {"clip": cfg.privacy.clip, "noise_std": cfg.privacy.clip * cfg.privacy.noise_multiplier},
+        **facts,
+    }

@@ -1,0 +1,350 @@
+"""Wires one rank, alike for every mode: its transport, its mode's role, the handshake, the
+step loop, and on rank 0 the checkpoints and the outputs of DESIGN §4."""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..config import JobConfig
+from ..data import EncodedData, load_split, load_tokenizer, partition
+from ..errors import ConfigError
+from ..fsutil import check_writable, say
+from ..metrics import Metrics
+from ..model import hf_config
+from ..modes import Mode, mode_of
+from ..modes.base import Setup
+from ..wire import CHECKPOINT, EXPORT, SERVER, STATS, Transport
+from ..wire.local import LocalWorld
+from ..wire.messages import Channel
+from . import checkpoint
+from .handshake import client_handshake, server_handshake
+from .outputs import holdings, summary, write_model_outputs
+from .runlog import RunLog
+
+_STOP = threading.Event()
+
+
+def run(cfg: JobConfig) -> None:
+    """This process's rank of the job (raises ConfigError for bad input). One-rank modes run
+    without MPI on an in-process transport."""
+    _quiet_libraries()
+    from ..wire.mpi import MpiTransport, world_rank, world_size
+
+    mode, size, rank = mode_of(cfg.run.mode), world_size(), world_rank()
+    if mode.one_rank and size > 1:
+        raise ConfigError(
+            f"config key 'run.mode': '{mode.name}' runs on one rank, got {size} ranks; start it without "
+            f"mpirun: python -m splitlora_mpi --set run.mode={mode.name}"
+        )
+    if not mode.one_rank and size < 2:
+        raise ConfigError(
+            f"config key 'run.mode': '{mode.name}' needs 1 server + at least 1 client rank, got 1 rank. "
+            "Launch with `mpirun -n 9 python -m splitlora_mpi` using the mpirun of the MPI that mpi4py loaded "
+            "(pip's mpich wheel puts it next to python); another launcher starts N separate 1-rank jobs"
+        )
+    _catch_stop_signals(rank)
+    metrics = Metrics(rank, mode.lead_role if rank == SERVER else "client", export=_exported(cfg))
+    transport: Transport
+    if mode.one_rank:
+        transport = LocalWorld(1).transport(0, cfg.comm.timeout_s, metrics)
+    else:
+        transport = MpiTransport(cfg.comm.timeout_s, metrics)
+    _set_threads(transport.local_size)
+    run_rank(cfg, transport, _STOP.is_set)
+
+
+def run_in_process(cfg: JobConfig, num_clients: int, stop_requested: Callable[[], bool] = lambda: False) -> None:
+    """Every rank of the job as a thread of this process, on the local transport: the same
+    roles, handshake, checkpoints and outputs as under mpirun (for tests and debugging)."""
+    mode = mode_of(cfg.run.mode)
+    world = LocalWorld(1 if mode.one_rank else num_clients + 1)
+    world.run(lambda t: run_rank(cfg, t, stop_requested), cfg.comm.timeout_s,
+              lambda r: Metrics(r, mode.lead_role if r == SERVER else "client"))  # fmt: skip
+
+
+def run_rank(cfg: JobConfig, transport: Transport, stop_requested: Callable[[], bool]) -> None:
+    mode = mode_of(cfg.run.mode)
+    if transport.rank == SERVER:
+        _run_lead(cfg, mode, transport, stop_requested)
+    else:
+        _run_client(cfg, mode, transport, stop_requested)
+
+
+# ---------------------------------------------------------------- the two kinds of rank
+
+
+def _run_lead(cfg: JobConfig, mode: Mode, transport: Transport, stop_requested: Callable[[], bool]) -> None:
+    clients = list(range(1, transport.size))
+    m = transport.metrics
+    error, found = None, None
+    try:
+        check_writable(cfg.out_dir)
+        s = _setup(cfg, transport)
+        lead = mode.lead(s)
+        _serve_metrics(cfg, m, transport.local_rank)
+        found = _find_checkpoint(cfg, transport.size)
+    except ConfigError as e:
+        error = str(e)
+
+    def share(hellos: dict[int, Any]) -> dict[str, Any]:
+        return {"resume": found.step if found else None, **mode.share(cfg, hellos)}
+
+    hellos = server_handshake(transport, clients, cfg.fingerprint(), error, share)  # (raises any error)
+    transport.open_clients_group()
+    lead.meet(hellos)
+    _announce(cfg, mode, hellos or {SERVER: _hello(s, lead)})
+    saved = checkpoint.from_bytes(found.files[SERVER].read_bytes()) if found else None
+    if found:  # (sent before the counters are restored: uncounted on both sides, like the client's receive)
+        for c in mode.savers(cfg, found.step + 1, clients):
+            source = c if c in found.files else max(found.files)  # sl: the next turn takes over the state
+            transport.send_object(c, CHECKPOINT, found.files[source].read_bytes())
+        lead.load_state(saved["role"])
+        m.load_state(saved["metrics"])
+        print(f"{mode.lead_role}: resuming from {checkpoint.step_dir(cfg.out_dir, saved['step'])}", flush=True)
+    log = RunLog(cfg.out_dir, cfg.to_yaml(), cfg.train.steps, cfg.train.log_every, saved["log"] if saved else None)
+
+    def on_step(step: int, loss: float, tokens: int, lr: float, val: float | None) -> None:
+        log.step(step, loss, tokens, lr, val, m.total_sent() + m.received_from_ranks() + lead.client_peer_bytes(step))
+
+    def on_checkpoint(step: int) -> None:
+        state = {"step": step, "role": lead.state(), "log": log.state(), "metrics": m.state()}
+        states = {SERVER: checkpoint.to_bytes(state),
+                  **transport.recv_objects(mode.savers(cfg, step, clients), CHECKPOINT)}  # fmt: skip
+        _save_checkpoint(cfg, step, transport.size, states)
+
+    lead.run(on_step, found.step if found else 0, on_checkpoint, stop_requested)
+    state = lead.adapter_state()
+    exporter = mode.exporter(cfg, clients)
+    if exporter is not None:
+        adapter = transport.recv_objects([exporter], EXPORT, kind="adapters")[exporter]
+        state = {**{k: torch.from_numpy(v) for k, v in adapter.items()}, **state}
+    before = m.received_from_ranks()
+    stats = transport.recv_objects(clients, STATS)
+    write_model_outputs(cfg, s.config, lead.parts[-1], state)
+    by_kind = m.sent_by_kind()  # summary: every rank's sends, by kind
+    for st in stats.values():
+        by_kind = {k: by_kind[k] + st["sent"][k] for k in by_kind}
+    by_kind["control"] += m.received_from_ranks() - before  # the statistics messages themselves
+    parts = {"0": holdings(mode.lead_role, lead.parts), **{str(c): stats[c]["holdings"] for c in clients}}
+    log.close(summary(cfg, log, transport.size, bytes=by_kind, **mode.summary(lead, stats, _peak_rss_mb()),
+                      model_parts=parts))  # fmt: skip
+    transport.barrier("finishing")
+    _finish_metrics(cfg, m)
+
+
+def _run_client(cfg: JobConfig, mode: Mode, transport: Transport, stop_requested: Callable[[], bool]) -> None:
+    clients = list(range(1, transport.size))
+    metrics = transport.metrics
+    hello: dict[str, Any] = {}
+    error = None
+    try:
+        s = _setup(cfg, transport)
+        role = mode.client(s)
+        _serve_metrics(cfg, metrics, transport.local_rank)
+        hello = _hello(s, role)
+    except ConfigError as e:
+        error = str(e)
+    verdict = client_handshake(transport, cfg.fingerprint(), hello, error)
+    role.accept(verdict)
+    transport.open_clients_group()
+    resume = verdict["resume"]
+    if resume is not None and transport.rank in mode.savers(cfg, resume + 1, clients):
+        # rank 0 holds the checkpoint and sends this client its state
+        saved = checkpoint.from_bytes(transport.recv_objects([SERVER], CHECKPOINT)[SERVER])
+        role.load_state(saved["role"])
+        metrics.load_state(saved["metrics"])
+
+    def on_checkpoint(step: int) -> None:
+        state = {"step": step, "role": role.state(), "metrics": metrics.state()}
+        transport.send_object(SERVER, CHECKPOINT, checkpoint.to_bytes(state))
+
+    role.run(resume or 0, on_checkpoint, stop_requested)
+    if transport.rank == mode.exporter(cfg, clients):
+        adapter = {k: v.detach().cpu().numpy() for k, v in role.parts[0].adapter_state().items()}
+        transport.send_object(SERVER, EXPORT, adapter, kind="adapters")
+    stats = {
+        "tokens": role.tokens,
+        "peak_rss_mb": _peak_rss_mb(),
+        "trainable_params": sum(_trainable(p) for p in role.parts),
+        "sent": metrics.sent_by_kind(),
+        "holdings": holdings("client", role.parts),
+    }
+    transport.send_object(SERVER, STATS, stats)
+    transport.barrier("finishing")  # every rank's endpoint lingers over the same window
+    _finish_metrics(cfg, metrics)
+
+
+# ---------------------------------------------------------------- set-up
+
+
+def _setup(cfg: JobConfig, transport: Transport) -> Setup:
+    """Tokenizer, model config, device and channel of this rank; its data on demand (cached)."""
+    tok = load_tokenizer(cfg.model.tokenizer)
+    config = hf_config(cfg, tok.vocab_size, tok.eos_token_id, tok.pad_token_id)
+    device = _device(transport.local_rank)
+    channel = Channel(transport, cfg.comm.activation_dtype, getattr(torch, cfg.model.dtype), device)
+    clients = list(range(1, transport.size))
+    loaded: dict[str, EncodedData] = {}
+
+    def data(which: str) -> EncodedData:
+        if which not in loaded:
+            loaded[which] = load_split(cfg, tok, which)
+        return loaded[which]
+
+    def rows(train: EncodedData) -> list[int]:
+        d = cfg.data
+        return partition(train.groups, max(1, len(clients)), d.partition, d.dirichlet_alpha, cfg.run.seed)[
+            max(0, transport.rank - 1)
+        ]
+
+    return Setup(cfg, config, transport, channel, device, clients, data, rows)
+
+
+def _hello(s: Setup, role: Any) -> dict[str, Any]:
+    """What rank 0 learns of a client (or, alone, of itself) before step 1."""
+    train, val = s.data("train"), s.data("val")
+    part = role.parts[0]
+    return {
+        "pid": os.getpid(),
+        "train_rows": len(s.rows(train)),
+        "truncated": train.truncated,
+        "val_rows": len(val),
+        "adapter_numel": _trainable(part),
+        "adapter_shapes": {k: list(v.shape) for k, v in part.adapter_state().items()},
+    }
+
+
+def _announce(cfg: JobConfig, mode: Mode, hellos: dict[int, Any]) -> None:
+    pids = " ".join(f"{r}={h['pid']}" for r, h in sorted({SERVER: {"pid": os.getpid()}, **hellos}.items()))
+    print(f"{mode.lead_role}: process ids by rank {pids} (mpirun names a failed rank by its pid)", flush=True)
+    h = next(iter(hellos.values()))
+    print(
+        f"{mode.lead_role}: run.mode {mode.name}, {len(hellos)} client{'s' * (len(hellos) != 1)}, "
+        f"{sum(x['train_rows'] for x in hellos.values())} training rows ({h['truncated']} truncated to "
+        f"{cfg.data.max_seq_len} tokens), {h['val_rows']} validation rows, {cfg.train.steps} steps",
+        flush=True,
+    )
+    if cfg.privacy.clip:
+        p = cfg.privacy
+        print(f"{mode.lead_role}: clients clip each example's activations to L2 norm {p.clip:g} and add Gaussian "
+              f"noise of std {p.clip * p.noise_multiplier:g} per coordinate", flush=True)  # fmt: skip
+
+
+def _catch_stop_signals(rank: int) -> None:
+    """SIGTERM / SIGINT (pre-emption, Ctrl-C): stop after the current step with a checkpoint
+    (exit code 143); a second signal exits at once. mpirun forwards a signal to every rank;
+    rank 0 says what happens (os.write: print is not safe inside a signal handler)."""
+
+    def handler(signum: int, frame: Any) -> None:
+        if _STOP.is_set():
+            if rank == 0:
+                os.write(2, f"second signal ({signum}): exiting at once, without a checkpoint\n".encode())
+            os._exit(128 + signum)
+        _STOP.set()
+        if rank == 0:
+            os.write(
+                2,
+                f"signal {signum}: stopping after this step with a checkpoint; signal again to exit at once\n".encode(),
+            )
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+
+
+def _quiet_libraries() -> None:
+    """Hugging Face progress bars and notices on every rank drown the progress lines."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _set_threads(local_ranks: int) -> None:
+    """Oversubscribed torch threads are 10-25x slower: share the cores among local ranks."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_ranks))
+
+
+def _device(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _trainable(part: Any) -> int:
+    return sum(p.numel() for p in part.trainable_parameters())
+
+
+# ---------------------------------------------------------------- checkpoints (rank 0 writes them all)
+
+
+def _find_checkpoint(cfg: JobConfig, world_size: int) -> checkpoint.Found | None:
+    if cfg.checkpoint.resume != "auto":
+        return None
+    found, warnings = checkpoint.newest_complete(cfg.out_dir, world_size, cfg.fingerprint())
+    for warning in warnings:
+        say(f"warning: {warning}")
+    return found
+
+
+def _save_checkpoint(cfg: JobConfig, step: int, world_size: int, states: dict[int, bytes]) -> None:
+    """Every rank's file, then the manifest, then prune; one progress line with size and time."""
+    start = time.perf_counter()
+    hashes = {rank: checkpoint.save_rank(cfg.out_dir, step, rank, data) for rank, data in states.items()}
+    checkpoint.write_manifest(cfg.out_dir, step, world_size, cfg.fingerprint(), hashes)
+    checkpoint.prune(cfg.out_dir, cfg.checkpoint.keep)
+    size = sum(len(data) for data in states.values())
+    print(
+        f"checkpoint {checkpoint.step_dir(cfg.out_dir, step)}: {len(states)} rank files, {size / 1e3:,.1f} kB, "
+        f"written in {(time.perf_counter() - start) * 1e3:.0f} ms",
+        flush=True,
+    )
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def _exported(cfg: JobConfig) -> bool:
+    return cfg.metrics.enabled or cfg.metrics.pushgateway is not None
+
+
+def _serve_metrics(cfg: JobConfig, metrics: Metrics, local_rank: int) -> None:
+    if not cfg.metrics.enabled:
+        return
+    port = cfg.metrics.port + local_rank
+    try:
+        metrics.serve(cfg.metrics.addr, port)
+    except (OSError, OverflowError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
+        raise ConfigError(
+            f"config key 'metrics.port': cannot serve metrics of rank {metrics.rank} on {cfg.metrics.addr}:{port} "
+            f"({reason}); expected a free port (each rank uses metrics.port + its local rank)"
+        ) from None
+
+
+def _finish_metrics(cfg: JobConfig, metrics: Metrics) -> None:
+    """Final values for short jobs: push them, and/or keep /metrics up for a last scrape."""
+    if cfg.metrics.pushgateway:
+        try:
+            metrics.push(cfg.metrics.pushgateway, job=cfg.run.name)
+        except OSError as e:
+            say(f"rank {metrics.rank}: warning: push to {cfg.metrics.pushgateway} failed: {e}")
+    if cfg.metrics.enabled and cfg.metrics.linger_s > 0:
+        time.sleep(cfg.metrics.linger_s)
+    metrics.stop()

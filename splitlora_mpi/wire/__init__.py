@@ -1,0 +1,89 @@
+"""The wire between ranks: one `Transport` interface, two implementations (`mpi`: the real job,
+`local`: threads in one process, for tests and one-rank runs) and named message records
+(`messages`) that the roles speak instead of positional tensor lists.
+
+A tensor message is (step, flag, tensor); its 64-byte header is counted as `control`, the
+tensor's bytes as the kind its sender names. Every phase has its own tags, so a fast
+client's next message can never match a receive meant for another phase. Every wait has a
+deadline (`comm.timeout_s`) and raises `CommTimeout` naming the ranks that did not answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from ..metrics import Metrics
+
+SERVER = 0
+HEADER_BYTES = 64  # 8 x int64: step, dtype, ndim, 4 dims, flag
+
+# the flag of a tensor message: on an upload, the client asks to stop (it got SIGTERM/SIGINT);
+# on a gradient reply, what every client does after this step
+CONTINUE, DIVERGED, STOP = 0, 1, 2
+
+# phase tags: a message's tag is phase + 2 x (index of the tensor in the message) + header/payload;
+# TAIL / EVAL_TAIL: label privacy, the server's output to the client's tail and what comes back
+TRAIN, TAIL, EVAL, EVAL_TAIL = 100, 150, 200, 250
+HANDSHAKE, EXPORT, STATS, CHECKPOINT, HANDOFF = 400, 410, 420, 430, 440
+
+Outgoing = dict[int, list[tuple[torch.Tensor, str]]]  # destination -> [(tensor, byte kind)]
+
+
+@dataclass
+class Message:
+    step: int
+    tensor: torch.Tensor
+    flag: int = CONTINUE
+
+
+class Transport(Protocol):
+    """Counted, deadline-bounded point-to-point messages, pickled control objects and the
+    Allreduce of FedAvg. Rank 0 is the server, ranks 1..size-1 the clients."""
+
+    rank: int
+    size: int
+    local_rank: int  # among the ranks of this host
+    local_size: int
+    timeout_s: float
+    metrics: Metrics
+
+    def send_tensors(self, phase: int, step: int, messages: Outgoing, flag: int = CONTINUE) -> None:
+        """Send each destination its tensors; return once all are sent."""
+
+    def isend_tensors(self, phase: int, step: int, messages: Outgoing, flag: int = CONTINUE) -> Callable[[], None]:
+        """Start sending; returns the wait for completion (the caller computes meanwhile)."""
+
+    def recv_tensors(self, sources: list[int], phase: int, kinds: list[str]) -> dict[int, list[Message]]:
+        """len(kinds) tensors from each source, in whatever order the sources send; host tensors."""
+
+    def send_object(self, dest: int, phase: int, obj: Any, kind: str = "control") -> int:
+        """Pickle and send one object; returns its size in bytes."""
+
+    def recv_objects(self, sources: list[int], phase: int, kind: str = "control") -> dict[int, Any]:
+        """One pickled object from each source."""
+
+    def recv_any(
+        self, sources: list[int], phase: int, timeout_s: float, kind_of: Callable[[Any], str]
+    ) -> tuple[int, Any]:
+        """The first object any of `sources` sends; `kind_of(obj)` names the byte kind it counts as."""
+
+    def barrier(self, what: str) -> None:
+        """Every rank arrives (within the deadline) before any leaves."""
+
+    def open_clients_group(self) -> None:
+        """Collective over all ranks: the clients-only group used by `allreduce_sum`."""
+
+    def allreduce_sum(self, buf: np.ndarray, world: bool = False) -> np.ndarray:
+        """float64 sum of `buf` over the clients, or over every rank with `world`."""
+
+
+def timeout_message(rank: int, pending: list[int], timeout_s: float, configured: float, what: str) -> str:
+    return (
+        f"rank {rank}: no answer from rank(s) {sorted(set(pending))} within {timeout_s:g} s "
+        f"(comm.timeout_s={configured:g}) while {what}"
+    )
