@@ -22,6 +22,7 @@ def machine() -> dict[str, object]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "platform": platform.platform(),
+        "load_avg_1m_at_start": os.getloadavg()[0],
     }
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import socket
 import subprocess
@@ -18,6 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 from statistics import mean
+
+from common import machine
 
 
 def free_base_port(n: int) -> int:
@@ -61,7 +62,7 @@ def main() -> None:
         "ranks": args.ranks,
         "steps": args.steps,
         "repeats": args.repeats,
-        "machine": {"cpus": len(__import__("os").sched_getaffinity(0)), "platform": platform.platform()},
+        "machine": machine(),
         "runs": runs,
         "step_s_off": off,
         "step_s_on": on,

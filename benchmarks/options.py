@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -22,8 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-from common import MPIRUN
+from common import MPIRUN, machine
 from paper_convergence import MODEL_NO_DROPOUT as MODEL
 from paper_convergence import ROOT, SHARED, fast_bpe_tokenizer, test_subset
 
@@ -97,9 +94,8 @@ def main() -> None:
             "final_val_loss": r["final_val_loss"] / plain["final_val_loss"],
             "median_step_s": r["median_step_s"] / plain["median_step_s"],
         }
-    machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
     args_out = {k: str(v) for k, v in vars(args).items()}
-    out = {"benchmark": "options", "machine": machine, "args": args_out, "model": MODEL, "options": results,
+    out = {"benchmark": "options", "machine": machine(), "args": args_out, "model": MODEL, "options": results,
            "commands": commands}  # fmt: skip
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "options.json").write_text(json.dumps(out, indent=2) + "\n")

@@ -27,10 +27,11 @@ from pathlib import Path
 import torch
 from common import equal_tokens, launch, machine, run_and_keep
 
-from splitlora_mpi import evaluate as ev
+from splitlora_mpi import decoding
 from splitlora_mpi.data import load_tokenizer, read_examples
 from splitlora_mpi.plot import paper_name, plot_runs, time_to_target
 from splitlora_mpi.prepare_model import reference_model
+from splitlora_mpi.scores import java_available, score_corpora
 
 ROOT = Path(__file__).resolve().parents[1]
 E2E = ROOT.parent / "shared" / "data" / "e2e"
@@ -42,7 +43,7 @@ SCORES = {"bleu": "BLEU", "nist": "NIST", "meteor": "METEOR", "rouge_l": "ROUGE_
 def held_out(work: Path, val_mrs: int, eval_mrs: int) -> tuple[Path, list[str], list[list[str]]]:
     """test.txt split by MR: the first `eval_mrs` MRs with all references for the scores, one
     reference of each of the next `val_mrs` MRs for the validation loss (disjoint MRs)."""
-    mrs, refs = ev.group_references(read_examples(E2E / "test.txt", "e2e"))
+    mrs, refs = decoding.group_references(read_examples(E2E / "test.txt", "e2e"))
     val = work / "val.txt"
     pairs = zip(mrs[eval_mrs : eval_mrs + val_mrs], refs[eval_mrs : eval_mrs + val_mrs])
     val.write_text("".join(f"{mr}||{group[0]}\n" for mr, group in pairs))
@@ -64,11 +65,12 @@ def command(mode: str, args: argparse.Namespace, model: Path, val: Path, out: Pa
 
 def decode(model_dir: Path, adapter: Path | None, mrs: list[str], args: argparse.Namespace) -> tuple[list[str], float]:
     tok = load_tokenizer(str(model_dir))
-    model = ev.load_model(str(model_dir), adapter)
+    model = decoding.load_model(str(model_dir), adapter)
     start = time.perf_counter()
-    prompts = [ev.prompt_ids(tok, mr, "e2e") for mr in mrs]
-    decoding = argparse.Namespace(batch_size=16, max_new_tokens=args.max_new_tokens, no_repeat_ngram_size=0)
-    preds = ev.decode(model, tok, prompts, args.seq_len, decoding, 1, label=adapter.parent.name if adapter else "base")
+    prompts = [decoding.prompt_ids(tok, mr, "e2e") for mr in mrs]
+    settings = argparse.Namespace(batch_size=16, max_new_tokens=args.max_new_tokens, no_repeat_ngram_size=0)
+    label = adapter.parent.name if adapter else "base"
+    preds = decoding.decode(model, tok, prompts, args.seq_len, settings, 1, label=label)
     return preds, time.perf_counter() - start
 
 
@@ -121,7 +123,7 @@ def main() -> None:
             summaries[mode] = run_and_keep(cmd, work / mode, keep / mode, RUN_TIMEOUT_S)
             preds[mode], seconds[mode] = decode(model_dir, work / mode / "adapter", mrs, args)
         print("scoring", flush=True)
-        scores = ev.score_corpora(preds, refs, ev.java_available())
+        scores = score_corpora(preds, refs, java_available())
         base_val = base_val_loss(model_dir, val, args.seq_len)
     report(args, model_dir, keep, summaries, commands, sweep, lr, scores, preds, mrs, refs, seconds, base_val,
            time.perf_counter() - started)  # fmt: skip
@@ -132,7 +134,7 @@ def base_val_loss(model_dir: Path, val: Path, seq_len: int) -> float:
     from splitlora_mpi.data import encode_examples, make_batch
     from splitlora_mpi.training import lm_loss_sum
 
-    model = ev.load_model(str(model_dir), None)
+    model = decoding.load_model(str(model_dir), None)
     data = encode_examples(read_examples(val, "e2e"), load_tokenizer(str(model_dir)), seq_len)
     total, count = 0.0, 0
     with torch.no_grad():

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -24,9 +23,10 @@ import time
 from pathlib import Path
 from statistics import median
 
+from common import MPIRUN, machine
+
 from splitlora_mpi.run import checkpoint
 
-MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or "mpirun"
 GPT2_SMALL = ["--set", "model.config={model_type: gpt2, n_embd: 768, n_layer: 12, n_head: 12, n_positions: 128}"]
 
 
@@ -98,7 +98,7 @@ def main() -> None:
             print(c["config"], c["per_rank"], flush=True)
     result = {
         "benchmark": "reliability",
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "machine": machine(),
         "killed_client": killed,
         "silent_client_timeout_10s": silent,
         "checkpoints": ckpts,

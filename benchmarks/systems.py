@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -28,8 +27,9 @@ import time
 from pathlib import Path
 from statistics import mean
 
+from common import MPIRUN, machine
+
 ROOT = Path(__file__).resolve().parents[1]
-MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or "mpirun"
 WIDE = "{model_type: gpt2, n_embd: 256, n_layer: 4, n_head: 4, n_positions: 128}"
 GPT2_SMALL = "{model_type: gpt2, n_embd: 768, n_layer: 12, n_head: 12, n_positions: 128}"
 
@@ -230,7 +230,7 @@ def main() -> None:
     result: dict = json.loads(previous.read_text()) if previous.exists() else {}
     result.update({
         "benchmark": "systems",
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "machine": machine(),
     })  # fmt: skip
     result.setdefault("commands", {})[" ".join(args.only)] = " ".join(sys.argv)
     with tempfile.TemporaryDirectory() as tmp:

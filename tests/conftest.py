@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
+from common import MPIRUN
 
 
 def run_cmd(
@@ -29,6 +27,16 @@ def splitlora(*args: str, ranks: int | None = None) -> list[str]:
         return cmd
     assert MPIRUN, "mpirun not found next to python (pip's mpich wheel provides it)"
     return [MPIRUN, "-n", str(ranks), *cmd]
+
+
+def run_local(out: Path, clients: int, *sets: str) -> Path:
+    """A whole job as threads of this process (the local transport): `sets` are `key=value`
+    overrides; returns its out_dir. For what MPI is not the point of."""
+    from splitlora_mpi.config import load_config
+    from splitlora_mpi.run.runner import run_in_process
+
+    run_in_process(load_config(None, [f"run.out_dir={out}", *sets]), clients)
+    return out
 
 
 def run_rows(out: Path) -> list[dict]:

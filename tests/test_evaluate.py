@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from splitlora_mpi import decoding as dec
 from splitlora_mpi import evaluate as ev
+from splitlora_mpi import scores as sc
 from splitlora_mpi.config import load_config
 from splitlora_mpi.data import ByteTokenizer, packaged_data_paths, read_examples
 
@@ -51,7 +53,7 @@ def template(mr: str) -> str:
 
 @pytest.fixture(scope="module")
 def sample() -> tuple[list[str], list[list[str]]]:
-    mrs, refs = ev.group_references(read_examples(packaged_data_paths()[1], "e2e"))
+    mrs, refs = dec.group_references(read_examples(packaged_data_paths()[1], "e2e"))
     assert (len(mrs), sum(map(len, refs))) == (25, 168)
     return mrs, refs
 
@@ -65,8 +67,8 @@ def systems(mrs: list[str], refs: list[list[str]]) -> dict[str, list[str]]:
 
 
 def assert_scores(got: dict[str, float], want: dict[str, float], tol: float, skip: tuple[str, ...] = ()) -> None:
-    assert set(got) == set(ev.METRICS)
-    for metric in ev.METRICS:
+    assert set(got) == set(sc.METRICS)
+    for metric in sc.METRICS:
         if metric not in skip:
             assert got[metric] == pytest.approx(want[metric], abs=tol), metric
 
@@ -76,7 +78,7 @@ def assert_scores(got: dict[str, float], want: dict[str, float], tol: float, ski
 
 def test_scores_equal_the_official_e2e_script(sample):
     mrs, refs = sample
-    scores = ev.score_corpora(systems(mrs, refs), refs, java=True)
+    scores = sc.score_corpora(systems(mrs, refs), refs, java=True)
     for system, want in OFFICIAL.items():
         assert_scores(scores[system], want, OFFICIAL_TOL)
 
@@ -85,7 +87,7 @@ def test_pure_python_scores(sample):
     """Without Java: BLEU / NIST are unchanged, the Treebank tokenizer gives the official ROUGE_L / CIDEr on
     this sample, and METEOR is nltk's exact + stem variant (another scale: 0.7266, not 0.4116)."""
     mrs, refs = sample
-    scores = ev.score_corpora(systems(mrs, refs), refs, java=False)
+    scores = sc.score_corpora(systems(mrs, refs), refs, java=False)
     for system, want in OFFICIAL.items():
         assert_scores(scores[system], want, OFFICIAL_TOL, skip=("METEOR",))
     assert scores["template"]["METEOR"] == pytest.approx(0.7266, abs=1e-4)
@@ -95,23 +97,23 @@ def test_pure_python_scores(sample):
 
 def test_nist_by_hand():
     """One MR, reference 'a b': info(a) = info(b) = log2(2/1) = 1, info('a b') = log2(1/1) = 0."""
-    assert ev.nist(["a b"], [["a b"]]) == pytest.approx(1.0)  # (1 + 1) / 2 unigrams + 0 / 1 bigram
+    assert sc.nist(["a b"], [["a b"]]) == pytest.approx(1.0)  # (1 + 1) / 2 unigrams + 0 / 1 bigram
     beta = -math.log(0.5) / math.log(1.5) ** 2  # half the reference length: NIST's length penalty
-    assert ev.nist(["a"], [["a b"]]) == pytest.approx(math.exp(-beta * math.log(0.5) ** 2))
-    assert ev.nist(["A B"], [["a b"]]) == pytest.approx(1.0)  # lowercased, like mteval
+    assert sc.nist(["a"], [["a b"]]) == pytest.approx(math.exp(-beta * math.log(0.5) ** 2))
+    assert sc.nist(["A B"], [["a b"]]) == pytest.approx(1.0)  # lowercased, like mteval
 
 
 def test_cider_and_rouge_by_hand():
     """Two MRs, one reference each. CIDEr-D: n-grams in both references weigh log(2/2) = 0, so MR 1
     scores 10 * (1 + 1 + 1 + 0) / 4 (no 4-grams) = 7.5 and MR 2 nothing: 3.75. ROUGE-L: (1 + 0) / 2."""
-    scores = ev.score_corpus(["cafe bar pub", "zoo yard"], [["cafe bar pub"], ["cafe bar inn"]], java=False)
+    scores = sc.score_corpus(["cafe bar pub", "zoo yard"], [["cafe bar pub"], ["cafe bar inn"]], java=False)
     assert scores["CIDEr"] == pytest.approx(3.75)
     assert scores["ROUGE_L"] == pytest.approx(0.5)
 
 
 def test_references_file_format(sample):
     mrs, refs = sample
-    text = ev.references_text(refs[:2])
+    text = dec.references_text(refs[:2])
     blocks = text.split("\n\n")
     assert [b.splitlines() for b in blocks] == refs[:2]
     assert text.endswith("\n") and not text.endswith("\n\n")
@@ -120,7 +122,7 @@ def test_references_file_format(sample):
 def test_continuation_text_cuts_at_eos_and_keeps_one_line():
     tok = ByteTokenizer()
     ids = tok.encode(" The Punter\nis  cheap ") + [tok.eos_token_id] + tok.encode("junk") + [tok.pad_token_id]
-    assert ev.continuation_text(tok, ids) == "The Punter is cheap"
+    assert dec.continuation_text(tok, ids) == "The Punter is cheap"
 
 
 # ---------------------------------------------------------------- decoding
@@ -144,8 +146,8 @@ def test_batched_left_padded_decoding_equals_one_by_one():
     model, tok = tiny_gpt2(), ByteTokenizer()
     prompts = [tok.encode(p + " ||") for p in ("name : Aromi", "name : The Cricketers | area : riverside", "x")]
     for beams in (1, 2):
-        batched = ev.generate(model, tok, prompts, 128, 12, beams, 0)
-        alone = [ev.generate(model, tok, [p], 128, 12, beams, 0)[0] for p in prompts]
+        batched = dec.generate(model, tok, prompts, 128, 12, beams, 0)
+        alone = [dec.generate(model, tok, [p], 128, 12, beams, 0)[0] for p in prompts]
         assert batched == alone
         assert any(batched)
 
@@ -154,7 +156,7 @@ def test_long_prompt_keeps_its_first_tokens_within_max_seq_len():
     """32 positions: a 40-token prompt would overflow the position table; it keeps 32 - 8 tokens."""
     model, tok = tiny_gpt2(n_positions=32), ByteTokenizer()
     prompt = list(range(65, 105))
-    assert ev.generate(model, tok, [prompt], 32, 8, 2, 0) == ev.generate(model, tok, [prompt[:24]], 32, 8, 2, 0)
+    assert dec.generate(model, tok, [prompt], 32, 8, 2, 0) == dec.generate(model, tok, [prompt[:24]], 32, 8, 2, 0)
 
 
 # ---------------------------------------------------------------- the command
@@ -189,14 +191,14 @@ def test_command_writes_predictions_references_and_scores(run_dir, sample):
     for decoding in ("greedy", "beam"):
         lines = (out / f"predictions_{decoding}.txt").read_text().split("\n")
         assert len(lines) == 6 and lines[-1] == ""  # 5 lines, newline-terminated
-    assert (out / "references.txt").read_text() == ev.references_text(refs[:5])
+    assert (out / "references.txt").read_text() == dec.references_text(refs[:5])
     scores = json.loads((out / "scores.json").read_text())
     assert scores["n_mrs"] == 5 and scores["n_references"] == sum(len(r) for r in refs[:5])
     assert scores["limit"] == 5 and Path(scores["data"]) == packaged_data_paths()[1].resolve()
     assert "meteor_note" in scores and "scale" in scores
     for decoding in ("greedy", "beam"):
         s = scores[decoding]
-        assert set(s) == set(ev.METRICS)
+        assert set(s) == set(sc.METRICS)
         assert all(0.0 <= s[m] <= 1.0 for m in ("BLEU", "METEOR", "ROUGE_L")), s
         assert 0.0 <= s["CIDEr"] <= 10.0 and s["NIST"] >= 0.0, s
     assert not list(out.glob(".*.tmp"))  # atomic writes left no temp files

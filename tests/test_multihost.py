@@ -1,4 +1,4 @@
-"""Multi-host runs over real TCP: one network namespace per host (benchmarks/multihost.py),
+"""Multi-host runs over real TCP: one network namespace per host (benchmarks/netns.py),
 mpirun across them through veth links routed by the root namespace. Needs root and iproute2;
 skipped, with the reason, only when namespaces cannot be created."""
 
@@ -13,12 +13,10 @@ import sys
 import time
 from pathlib import Path
 
+import netns
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import multihost as mh  # noqa: E402
-
-REASON = mh.unavailable()
+REASON = netns.unavailable()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"network namespaces unavailable: {REASON}")
 
 # Framing on the wire, per byte the ranks count: 66 B of Ethernet + IPv4 + TCP (with timestamps)
@@ -36,8 +34,8 @@ def _forward() -> str:
 def test_bytes_on_each_client_link_match_the_byte_counters(tmp_path):
     """3 hosts (server + 2 clients) over TCP: every byte a client's rank counts as sent or
     received crossed its link, and the link carried at most BOUND more (the framing)."""
-    with mh.network(2) as net:
-        job, hosts = mh.wire_vs_counted(net, mh.splitlora(f"run.out_dir={tmp_path}/run", *mh.WIRE_SETS), 240)
+    with netns.network(2) as net:
+        job, hosts = netns.wire_vs_counted(net, netns.splitlora(f"run.out_dir={tmp_path}/run", *netns.WIRE_SETS), 240)
     assert job.returncode == 0, job.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     # the scrapes saw the final counters: every rank's sends by kind add up to the summary
@@ -48,7 +46,7 @@ def test_bytes_on_each_client_link_match_the_byte_counters(tmp_path):
         sent, received = sum(h["sent"].values()), sum(h["received"].values())
         assert h["sent"]["activations"] > 1e6 and h["received"]["gradients"] > 1e5
         wire = h["wire"]
-        o = mh.overhead(h)
+        o = netns.overhead(h)
         print(f"{name}: tx {wire['tx_bytes']:,} for {sent:,} sent, rx {wire['rx_bytes']:,} for {received:,} "
               f"received; overhead tx {o['tx']:+.2%} rx {o['rx']:+.2%} total {o['total']:+.2%}")  # fmt: skip
         assert wire["tx_bytes"] >= sent and wire["rx_bytes"] >= received, (name, wire, sent, received)
@@ -59,11 +57,11 @@ def test_dropped_link_ends_the_job_and_the_rerun_resumes(tmp_path):
     """A client's link goes down for longer than comm.timeout_s: the job ends non-zero within
     comm.timeout_s + 10 s; with the link back, the same command resumes from the checkpoint."""
     timeout_s = 8
-    cmd_args = mh.splitlora(f"run.out_dir={tmp_path}/run", "train.steps=30", "train.log_every=1",
+    cmd_args = netns.splitlora(f"run.out_dir={tmp_path}/run", "train.steps=30", "train.log_every=1",
                             "train.aggregate_every=2", "train.eval_every=0", "checkpoint.every=2",
                             f"comm.timeout_s={timeout_s}")  # fmt: skip
     dropped: list[float] = []
-    with mh.network(2) as net:
+    with netns.network(2) as net:
 
         def drop_after_first_checkpoint() -> None:
             if not dropped and list((tmp_path / "run").glob("checkpoints/step-*/manifest.json")):
@@ -87,11 +85,12 @@ def test_dropped_link_ends_the_job_and_the_rerun_resumes(tmp_path):
 def test_job_completes_with_packet_loss(tmp_path):
     """5 % of the packets on both client links dropped at random, each direction: TCP
     retransmits, the job finishes."""
-    loss = mh.Link(loss_pct=5)
-    args = mh.splitlora(f"run.out_dir={tmp_path}/r", "train.steps=10", "train.eval_every=5", "train.aggregate_every=5")
-    with mh.network(2, {"slm-c1": loss, "slm-c2": loss}) as net:
+    loss = netns.Link(loss_pct=5)
+    args = netns.splitlora(f"run.out_dir={tmp_path}/r", "train.steps=10", "train.eval_every=5",
+                           "train.aggregate_every=5")  # fmt: skip
+    with netns.network(2, {"slm-c1": loss, "slm-c2": loss}) as net:
         job = net.run(net.mpirun(args), timeout=180)
-        drops = mh.sh("tc", "-s", "qdisc", "show", "dev", "slm-c1").stdout  # the clsact qdisc is listed last
+        drops = netns.sh("tc", "-s", "qdisc", "show", "dev", "slm-c1").stdout  # the clsact qdisc is listed last
     assert job.returncode == 0, job.stderr[-3000:]
     dropped = int(drops.split("dropped ")[-1].split(",")[0])
     print(f"5 % loss: job {job.wall_s:.1f} s, {dropped} packets dropped towards slm-c1")
@@ -104,11 +103,11 @@ def test_delay_line_adds_its_delay_each_way(tmp_path):
     client too, its packets delayed on the way in (its own replies are delivered locally);
     reshaping without delay takes it away again."""
 
-    def round_trip_ms(net: mh.Network, caller_ns: str | None) -> float:
-        listener = mh._socket_in("slm-c1")
+    def round_trip_ms(net: netns.Network, caller_ns: str | None) -> float:
+        listener = netns.socket_in("slm-c1")
         listener.bind(("0.0.0.0", 0))
         listener.listen()
-        caller = mh._socket_in(caller_ns) if caller_ns else socket.socket()
+        caller = netns.socket_in(caller_ns) if caller_ns else socket.socket()
         caller.settimeout(5)
         caller.connect((net.hosts[1].addr, listener.getsockname()[1]))
         caller.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -124,15 +123,15 @@ def test_delay_line_adds_its_delay_each_way(tmp_path):
             s.close()
         return sorted(times)[3]
 
-    with mh.network(1, {"slm-c1": mh.Link(delay_ms=25)}) as net:
+    with netns.network(1, {"slm-c1": netns.Link(delay_ms=25)}) as net:
         delayed, from_router = round_trip_ms(net, "slm-srv"), round_trip_ms(net, None)
-        net.shape("slm-c1", mh.Link())
-        assert [x for x in mh.leftovers() if x.startswith("rule ") or x.endswith("-d")] == []
+        net.shape("slm-c1", netns.Link())
+        assert [x for x in netns.leftovers() if x.startswith("rule ") or x.endswith("-d")] == []
         direct = round_trip_ms(net, "slm-srv")
     print(f"round trip: {delayed:.1f} ms with 25 ms each way ({from_router:.1f} ms from mpiexec's side), "
           f"{direct:.2f} ms without")  # fmt: skip
     assert 50 <= delayed < 60 and 25 <= from_router < 35 and direct < 5
-    assert mh.leftovers() == []
+    assert netns.leftovers() == []
 
 
 def test_everything_is_removed_after_an_error_a_sigterm_and_a_kill(tmp_path):
@@ -140,15 +139,15 @@ def test_everything_is_removed_after_an_error_a_sigterm_and_a_kill(tmp_path):
     a SIGTERM of the harness while a job runs, or (after the next start) a kill -9."""
     forward = _forward()
     with pytest.raises(RuntimeError, match="inside"):
-        with mh.network(1):
+        with netns.network(1):
             raise RuntimeError("inside")
-    assert mh.leftovers() == [] and _forward() == forward
-    script = ("import sys; sys.path.insert(0, sys.argv[1]); import multihost as mh\n"
-              "with mh.network(1, {'slm-c1': mh.Link(delay_ms=5)}) as net:\n"
+    assert netns.leftovers() == [] and _forward() == forward
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); import netns\n"
+              "with netns.network(1, {'slm-c1': netns.Link(delay_ms=5)}) as net:\n"
               "    print('up', flush=True)\n"
               "    net.run(net.mpirun(['sleep', '97.25']), timeout=120)\n")  # fmt: skip
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        harness = subprocess.Popen([sys.executable, "-c", script, str(Path(mh.__file__).parent)],
+        harness = subprocess.Popen([sys.executable, "-c", script, str(Path(netns.__file__).parent)],
                                    stdout=subprocess.PIPE, text=True)  # fmt: skip
         try:
             assert harness.stdout.readline() == "up\n"
@@ -158,9 +157,9 @@ def test_everything_is_removed_after_an_error_a_sigterm_and_a_kill(tmp_path):
         finally:
             harness.kill()
         if sig == signal.SIGKILL:  # nothing can run on a kill -9: the next start cleans up
-            assert mh.leftovers() != []
-            mh.cleanup_stale()
-        assert mh.leftovers() == [] and _forward() == forward
+            assert netns.leftovers() != []
+            netns.cleanup_stale()
+        assert netns.leftovers() == [] and _forward() == forward
         assert not [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(p).endswith("sleep 97.25")]
 
 

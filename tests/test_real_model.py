@@ -160,7 +160,7 @@ def test_evaluate_decodes_with_base_and_adapter(model_dir, val_file, two_clients
     chat tokenizer's eos <|im_end|>, with no special token left in the text."""
     from transformers import AutoModelForCausalLM
 
-    from splitlora_mpi import evaluate as ev
+    from splitlora_mpi import decoding
     from splitlora_mpi.data import load_tokenizer, read_examples
 
     done = run_cmd([*splitlora()[:2], "splitlora_mpi.evaluate", str(two_clients), "--data", str(val_file),
@@ -168,10 +168,12 @@ def test_evaluate_decodes_with_base_and_adapter(model_dir, val_file, two_clients
                    env=ONE_THREAD)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     preds = (two_clients / "eval" / "predictions_greedy.txt").read_text().splitlines()
-    mrs, _ = ev.group_references(read_examples(val_file, "e2e"))
+    mrs, _ = decoding.group_references(read_examples(val_file, "e2e"))
     tok = load_tokenizer(str(model_dir))
     assert len(preds) == len(mrs) and all(p and "<|" not in p for p in preds), preds
-    prompts = [ev.prompt_ids(tok, mr, "e2e") for mr in mrs]
-    adapted = ev.generate(ev.load_model(str(model_dir), two_clients / "adapter"), tok, prompts, 48, 16, 1, 0)
+    prompts = [decoding.prompt_ids(tok, mr, "e2e") for mr in mrs]
+    adapted = decoding.generate(
+        decoding.load_model(str(model_dir), two_clients / "adapter"), tok, prompts, 48, 16, 1, 0
+    )
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    assert preds == adapted and preds != ev.generate(base, tok, prompts, 48, 16, 1, 0)
+    assert preds == adapted and preds != decoding.generate(base, tok, prompts, 48, 16, 1, 0)
