@@ -17,6 +17,8 @@ from .data import EncodedData, make_batch
 from .errors import Diverged, Stopped
 from .model import SplitPart
 
+OnStep = Callable[[int, float, int, float, "float | None"], None]  # after a step: step, loss, tokens, lr, val loss
+
 
 def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
     """Summed next-token loss over target tokens and their count (caller averages, so

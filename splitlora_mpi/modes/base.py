@@ -19,10 +19,9 @@ if TYPE_CHECKING:  # (modes load with the config, before torch: fast failure on 
     from ..config import JobConfig
     from ..data import EncodedData
     from ..model import SplitPart
+    from ..training import OnStep
     from ..wire import Transport
     from ..wire.messages import Channel
-
-OnStep = Callable[[int, float, int, float, "float | None"], None]  # step, loss, tokens, lr, val loss
 
 
 class Lead(Protocol):

@@ -24,6 +24,7 @@ from ..data import EncodedData
 from ..errors import Diverged
 from ..model import SplitPart
 from ..training import (
+    OnStep,
     PartTrainer,
     checkpoint_or_stop,
     evaluate_whole,
@@ -156,13 +157,8 @@ class FedServer:
         """Every rank's Allreduce buffer is the size of rank 0's."""
         return self.num_clients * self.transport.metrics.sent_bytes[("all", "adapters")]
 
-    def run(
-        self,
-        on_step: Callable[[int, float, int, float, float | None], None],
-        start: int,
-        on_checkpoint: Callable[[int], None],
-        stop_requested: Callable[[], bool],
-    ) -> None:
+    def run(self, on_step: OnStep, start: int, on_checkpoint: Callable[[int], None],
+            stop_requested: Callable[[], bool]) -> None:  # fmt: skip
         step = start
         while step < self.cfg.train.steps:
             steps = round_steps(step, self.cfg)

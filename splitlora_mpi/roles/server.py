@@ -21,6 +21,7 @@ from ..data import IGNORE, shard
 from ..errors import Diverged
 from ..model import SplitPart
 from ..training import (
+    OnStep,
     PartTrainer,
     aggregations_until,
     apply_loss,
@@ -45,7 +46,6 @@ from ..wire.messages import (
 )
 
 Uploads = dict[int, Letter[Any]]  # client rank -> its Upload / PrivateUpload
-OnStep = Callable[[int, float, int, float, float | None], None]  # step, loss, tokens, lr, val loss
 
 
 class ServerLoss:

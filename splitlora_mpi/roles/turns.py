@@ -21,20 +21,18 @@ from .server import Server
 class TurnServer(Server):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.start = 0
         self.handoff_bytes = 0  # client-to-client handoffs, as their senders report them
-
-    def run(self, on_step: Any, start: int, *args: Any) -> None:
-        self.start = start
-        super().run(on_step, start, *args)
+        self.last_active: list[int] | None = None
 
     def active(self, step: int) -> list[int]:
         return [self.clients[sl_owner(step, self.cfg.train, len(self.clients))]]
 
     def train_step(self, step: int, stop_requested: bool = False) -> tuple[float, int, bool]:
-        if step > self.start + 1 and self.active(step) != self.active(step - 1):  # a turn ended
-            previous = self.active(step - 1)[0]
+        active = self.active(step)
+        if self.last_active not in (None, active):  # a turn ended: its client reports the handoff's size
+            previous = self.last_active[0]
             self.handoff_bytes += self.channel.transport.recv_objects([previous], HANDOFF)[previous]
+        self.last_active = active
         return super().train_step(step, stop_requested)
 
     def client_peer_bytes(self, step: int) -> int:

@@ -17,7 +17,7 @@ from ..config import JobConfig
 from ..data import EncodedData, Sampler, make_batch
 from ..metrics import Metrics
 from ..model import SplitPart
-from ..training import PartTrainer, checkpoint_or_stop, evaluate_whole, is_eval_step, server_update
+from ..training import OnStep, PartTrainer, checkpoint_or_stop, evaluate_whole, is_eval_step, server_update
 
 
 class WholeModel:
@@ -47,13 +47,8 @@ class WholeModel:
     def meet(self, hellos: dict[int, dict[str, Any]]) -> None:
         """(No clients.)"""
 
-    def run(
-        self,
-        on_step: Callable[[int, float, int, float, float | None], None],
-        start: int,
-        on_checkpoint: Callable[[int], None],
-        stop_requested: Callable[[], bool],
-    ) -> None:
+    def run(self, on_step: OnStep, start: int, on_checkpoint: Callable[[int], None],
+            stop_requested: Callable[[], bool]) -> None:  # fmt: skip
         """Steps start+1 .. train.steps, as the server's loop: a signal stops after the step."""
         t = self.cfg.train
         for step in range(start + 1, t.steps + 1):
