@@ -35,15 +35,17 @@ def launcher_rank() -> int:
     return 0
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, on rank 0 only
+class OneLineParser(argparse.ArgumentParser):
+    """Bad arguments: one `error:` line (from rank 0 only, under mpirun) and exit code 2."""
+
+    def error(self, message: str) -> None:
         if launcher_rank() == 0:
             print(f"error: {message} (see --help)", file=sys.stderr)
         raise SystemExit(2)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = _Parser(
+    p = OneLineParser(
         prog="python -m splitlora_mpi",
         description="Split-federated LoRA fine-tuning over MPI.",
         epilog=LAUNCH,

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .cli import OneLineParser
 from .config import JobConfig, load_config
 from .decoding import decode, group_references, load_model, prompt_ids, references_text
 from .errors import ConfigError
@@ -36,14 +37,8 @@ DECODINGS = ("greedy", "beam")
 # ---------------------------------------------------------------- command line
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line and exit code 2, like the training CLI
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = _Parser(prog="python -m splitlora_mpi.evaluate", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m splitlora_mpi.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", type=Path, help="output directory of a training run (config.yaml, adapter/, base/)")
     p.add_argument(
         "--data",

@@ -216,11 +216,10 @@ class Client:
     def state(self) -> dict[str, Any]:
         """Everything a bit-exact resume needs from this client."""
         return {"trainer": self.trainer.state(), "sampler_position": self.sampler.position, "tokens": self.tokens,
-                "tokens_since_average": self.tokens_since_average, "torch_rng": torch.get_rng_state()}  # fmt: skip
+                "tokens_since_average": self.tokens_since_average}  # fmt: skip
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.trainer.load_state(state["trainer"])
         self.sampler.position = state["sampler_position"]
         self.tokens = state["tokens"]
         self.tokens_since_average = state["tokens_since_average"]
-        torch.set_rng_state(state["torch_rng"])

@@ -265,13 +265,12 @@ class Server:
 
     def state(self) -> dict[str, Any]:
         return {"trainer": self.trainer.state(), "tokens": self.tokens,
-                "tokens_since_average": self.tokens_since_average, "torch_rng": torch.get_rng_state()}  # fmt: skip
+                "tokens_since_average": self.tokens_since_average}  # fmt: skip
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.trainer.load_state(state["trainer"])
         self.tokens = state["tokens"]
         self.tokens_since_average = state["tokens_since_average"]
-        torch.set_rng_state(state["torch_rng"])
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         return self.part.adapter_state()

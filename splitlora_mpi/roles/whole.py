@@ -69,7 +69,6 @@ class WholeModel:
             "server": self.server.state(),
             "sampler_position": self.sampler.position,
             "tokens": self.tokens,
-            "torch_rng": torch.get_rng_state(),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -77,7 +76,6 @@ class WholeModel:
         self.server.load_state(state["server"])
         self.sampler.position = state["sampler_position"]
         self.tokens = state["tokens"]
-        torch.set_rng_state(state["torch_rng"])
 
     def train_step(self, step: int) -> tuple[float, int, int]:
         """One step on the whole model: (mean loss, non-pad tokens, target tokens)."""

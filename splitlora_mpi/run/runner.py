@@ -109,6 +109,7 @@ def _run_lead(cfg: JobConfig, mode: Mode, transport: Transport, stop_requested: 
             transport.send_object(c, CHECKPOINT, found.files[source].read_bytes())
         lead.load_state(saved["role"])
         m.load_state(saved["metrics"])
+        torch.set_rng_state(saved["torch_rng"])
         print(f"{mode.lead_role}: resuming from {checkpoint.step_dir(cfg.out_dir, saved['step'])}", flush=True)
     log = RunLog(cfg.out_dir, cfg.to_yaml(), cfg.train.steps, cfg.train.log_every, saved["log"] if saved else None)
 
@@ -116,7 +117,8 @@ def _run_lead(cfg: JobConfig, mode: Mode, transport: Transport, stop_requested: 
         log.step(step, loss, tokens, lr, val, m.total_sent() + m.received_from_ranks() + lead.client_peer_bytes(step))
 
     def on_checkpoint(step: int) -> None:
-        state = {"step": step, "role": lead.state(), "log": log.state(), "metrics": m.state()}
+        state = {"step": step, "role": lead.state(), "log": log.state(), "metrics": m.state(),
+                 "torch_rng": torch.get_rng_state()}  # fmt: skip
         states = {SERVER: checkpoint.to_bytes(state),
                   **transport.recv_objects(mode.savers(cfg, step, clients), CHECKPOINT)}  # fmt: skip
         _save_checkpoint(cfg, step, transport.size, states)
@@ -162,9 +164,10 @@ def _run_client(cfg: JobConfig, mode: Mode, transport: Transport, stop_requested
         saved = checkpoint.from_bytes(transport.recv_objects([SERVER], CHECKPOINT)[SERVER])
         role.load_state(saved["role"])
         metrics.load_state(saved["metrics"])
+        torch.set_rng_state(saved["torch_rng"])
 
     def on_checkpoint(step: int) -> None:
-        state = {"step": step, "role": role.state(), "metrics": metrics.state()}
+        state = {"step": step, "role": role.state(), "metrics": metrics.state(), "torch_rng": torch.get_rng_state()}
         transport.send_object(SERVER, CHECKPOINT, checkpoint.to_bytes(state))
 
     role.run(resume or 0, on_checkpoint, stop_requested)
