@@ -101,11 +101,21 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    train_path: str | None = _f(None, "training file; null = the packaged E2E sample")
-    val_path: str | None = _f(None, "validation file; null = the packaged held-out E2E sample")
+    train_path: str | None = _f(
+        None, "training file; null = the packaged E2E sample; {client} in it (1..N): each client's own file"
+    )
+    val_path: str | None = _f(
+        None, "validation file; null = the packaged held-out E2E sample; may contain {client} like train_path"
+    )
     format: Literal["e2e", "jsonl"] = _f("e2e", "e2e: 'meaning representation||text' lines; jsonl: prompt/completion")
     max_seq_len: int = _f(128, "tokens per row (rows are padded or truncated to this)", min=8)
-    partition: Literal["iid", "dirichlet"] = _f("iid", "how training examples are split among clients")
+    partition: Literal["iid", "dirichlet", "local"] | None = _f(
+        None,
+        "how training examples are split among clients: iid, dirichlet (one shared file), local (each client "
+        "reads all of its own file: a {client} path, or one path on every host); null = local with {client} "
+        "paths, else iid",
+    )
+    clients: int = _f(0, "run.mode central with {client} paths: train on the union of clients 1..N's files", min=0)
     dirichlet_alpha: float = _f(0.5, "concentration of the dirichlet partition (small = skewed)", gt=0)
 
 
@@ -350,6 +360,7 @@ def _matches(value: Any, tp: Any) -> tuple[bool, Any]:
 
 
 def _check_cross_fields(cfg: JobConfig) -> None:
+    _resolve_partition(cfg)
     if cfg.model.name_or_path is None:
         model_type = cfg.model.config.get("model_type")
         if model_type not in MODEL_FAMILIES:
@@ -380,4 +391,31 @@ def _check_cross_fields(cfg: JobConfig) -> None:
         raise ConfigError(
             f"config key 'train.eval_every': expected a multiple of train.aggregate_every ({t.aggregate_every}) "
             f"so validation sees averaged adapters, got {t.eval_every}"
+        )
+
+
+CLIENT = "{client}"  # in data paths: each client's own file (1..N)
+
+
+def _resolve_partition(cfg: JobConfig) -> None:
+    """data.partition null: local when the training path names each client's file, else iid.
+    local with a plain path: each client reads all of the file at that path on its own host."""
+    d = cfg.data
+    own = CLIENT in (d.train_path or "")
+    if d.partition is None:
+        d.partition = "local" if own else "iid"
+    if own and d.partition != "local":
+        raise ConfigError(
+            f"config key 'data.partition': {d.partition} splits one shared file, but data.train_path "
+            f"{d.train_path!r} names each client's own; expected local (or null)"
+        )
+    if CLIENT in (d.val_path or "") and not own:
+        raise ConfigError(
+            f"config key 'data.val_path': {CLIENT} in the validation path needs it in data.train_path too; "
+            "expected both or neither"
+        )
+    if d.partition == "local" and (d.train_path is None or d.val_path is None):
+        raise ConfigError(
+            "config key 'data.train_path': data.partition local reads each client's own files; expected "
+            "data.train_path and data.val_path to be set"
         )

@@ -8,6 +8,7 @@ No MPI and no model code here.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from importlib import resources
@@ -17,7 +18,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .config import JobConfig, local_or_hub
+from .config import CLIENT, JobConfig, local_or_hub
 from .errors import ConfigError
 
 IGNORE = -100
@@ -32,6 +33,10 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: list[int]) -> str: ...
 
+    def fingerprint(self) -> str:
+        """What must be equal on every rank: vocabulary, special tokens, chat template."""
+        ...
+
 
 class ByteTokenizer:
     """Built in, no files: ids 0..255 are UTF-8 bytes, 256 = eos, 257 = pad."""
@@ -45,6 +50,9 @@ class ByteTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def fingerprint(self) -> str:
+        return "byte"
 
 
 class HFTokenizer:
@@ -63,6 +71,13 @@ class HFTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=True)
+
+    def fingerprint(self) -> str:
+        """sha256 over the vocabulary (token -> id, added tokens included), the special tokens
+        and the chat template: two ranks with equal fingerprints encode every text alike."""
+        hf = self.hf
+        facts = [sorted(hf.get_vocab().items()), hf.special_tokens_map, getattr(hf, "chat_template", None)]
+        return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
@@ -228,8 +243,11 @@ def partition(groups: list[str], num_clients: int, scheme: str, alpha: float, se
 
     iid: a shuffled even split. dirichlet: each group's examples (an E2E meaning
     representation) split with proportions ~ Dir(alpha), the usual label-skew scheme.
+    local: `groups` are one client's own file; every row is its.
     """
     n = len(groups)
+    if scheme == "local":  # each client's own file: all of it is its data
+        return [list(range(n)) for _ in range(num_clients)]
     if scheme not in ("iid", "dirichlet"):
         raise ConfigError(f"config key 'data.partition': expected 'iid' or 'dirichlet', got {scheme!r}")
     if n < num_clients:
@@ -295,19 +313,31 @@ def shard(n: int, num_shards: int, shard_index: int) -> list[int]:
     return list(range(shard_index, n, num_shards))
 
 
-def train_val_paths(cfg: JobConfig) -> tuple[Path, Path]:
-    """The configured files, or the packaged E2E sample."""
+def train_val_paths(cfg: JobConfig) -> tuple[str, str]:
+    """The configured files (possibly with {client}), or the packaged E2E sample."""
     train, val = packaged_data_paths()
     if (cfg.data.train_path is None or cfg.data.val_path is None) and cfg.data.format != "e2e":
         raise ConfigError(
             "config key 'data.val_path': the packaged sample is e2e; set data.train_path and "
             "data.val_path for data.format=jsonl"
         )
-    return Path(cfg.data.train_path or train), Path(cfg.data.val_path or val)
+    return cfg.data.train_path or str(train), cfg.data.val_path or str(val)
 
 
-def load_split(cfg: JobConfig, tok: Tokenizer, which: str) -> EncodedData:
-    """The encoded training (`which="train"`) or validation rows of the configured data."""
+def load_split(cfg: JobConfig, tok: Tokenizer, which: str, client: int | None) -> EncodedData:
+    """The encoded training (`which="train"`) or validation rows this rank reads: client
+    `client`'s own file for a {client} path; with client None (central) the union of the
+    files of clients 1..data.clients, in client order."""
     path = train_val_paths(cfg)[0 if which == "train" else 1]
     fmt = cfg.data.format
-    return encode_examples(read_examples(path, fmt), tok, cfg.data.max_seq_len, fmt)
+    if CLIENT not in path:
+        return encode_examples(read_examples(path, fmt), tok, cfg.data.max_seq_len, fmt)
+    examples = []
+    for c in [client] if client is not None else range(1, cfg.data.clients + 1):
+        own = path.replace(CLIENT, str(c))
+        try:
+            examples += read_examples(own, fmt)
+        except ConfigError as e:
+            reason = str(e).removeprefix(f"data file {own}").lstrip(":")
+            raise ConfigError(f"client {c}: config key 'data.{which}_path': {own}:{reason}") from None
+    return encode_examples(examples, tok, cfg.data.max_seq_len, fmt)

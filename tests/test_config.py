@@ -68,6 +68,15 @@ def test_model_config_with_model_type_replaces_default(tmp_path):
         ("split.tail_layers=1", "split.tail_layers", "split.label_private"),
         ("comm.micro_batches=2 ; split.label_private=true", "comm.micro_batches", "expected 1"),
         ("comm.micro_batches=5", "comm.micro_batches", "≤ train.batch_size"),
+        ("data.train_path=/d/c-{client}.txt ; data.partition=iid", "data.partition", "expected local (or null)"),
+        ("data.partition=local", "data.train_path", "expected data.train_path and data.val_path"),
+        ("data.val_path=/d/v-{client}.txt", "data.val_path", "needs it in data.train_path too"),
+        ("data.train_path=/d/c-{client}.txt ; run.mode=central", "data.clients", "expected N ≥ 1"),
+        (
+            "data.train_path=/d/c-{client}.txt ; data.val_path=/d/v-{client}.txt ; run.mode=fedlora",
+            "data.val_path",
+            "one shared validation file",
+        ),
     ],
 )
 def test_bad_values_name_the_key(override, key, expected):
@@ -140,3 +149,8 @@ def test_every_preset_loads(preset):
         for key, value in values.items():
             held = loaded[section][key]
             assert held == value or (isinstance(value, dict) and value.items() <= held.items()), (section, key)
+
+
+def test_client_paths_default_to_the_local_partition():
+    assert load_config(overrides=["data.train_path=/d/c-{client}.txt"]).data.partition == "local"
+    assert load_config().data.partition == "iid"

@@ -34,6 +34,8 @@ def _case_files(tmp: Path) -> dict[str, list[str]]:
     return {
         "empty data file": ["--set", data("empty.txt", "")],
         "missing data file": ["--set", f"data.train_path={tmp / 'missing.txt'}"],
+        "missing client file": ["--set", data("c-1.txt", good).replace("c-1", "c-{client}"),
+                                "--set", f"data.val_path={_write(tmp / 'v-ok.txt', good)}"],
         "no || separator": ["--set", data("nosep.txt", good + "just text here\n")],
         "binary garbage": ["--set", data("bin.txt", good.encode() + bytes(range(128, 256)))],
         "invalid jsonl": ["--set", "data.format=jsonl", "--set", f"data.val_path={val_jsonl}",
@@ -57,6 +59,7 @@ def _case_files(tmp: Path) -> dict[str, list[str]]:
 EXPECTED = {
     "empty data file": "no examples",
     "missing data file": "not found",
+    "missing client file": "client 2: config key 'data.train_path': ",
     "no || separator": "nosep.txt:5: no '||' separator",
     "binary garbage": "bin.txt:5: not UTF-8",
     "invalid jsonl": "t.jsonl:1: expected an object with string fields",
@@ -84,7 +87,7 @@ def test_bad_input_is_one_line_exit_2_and_harmless(case, tmp_path):
     _write(previous / "summary.json", SENTINEL)
     start = time.monotonic()
     # (fewer ranks start faster on 2 cores; 2 clients where every client fails and rank 0 must say it once)
-    ranks = RANKS if case in ("fewer examples than clients", "no || separator") else 2
+    ranks = RANKS if case in ("fewer examples than clients", "no || separator", "missing client file") else 2
     r = run_cmd(splitlora(*args, ranks=ranks), cwd=tmp_path, timeout=60)
     elapsed = time.monotonic() - start
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])

@@ -18,7 +18,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "k8s"
-OVERLAYS = ["gpu", "cpu"]
+OVERLAYS = ["gpu", "cpu", "edge"]
 CRD_FILES = {
     ("kubeflow.org/v2beta1", "MPIJob"): "kubeflow.org_mpijobs.yaml",
     ("monitoring.coreos.com/v1", "PodMonitor"): "monitoring.coreos.com_podmonitors.yaml",
@@ -142,12 +142,43 @@ def test_mpijob_launches_the_server_and_clients(rendered):
     for pod in (launcher, workers["template"]["spec"]):
         volumes = {v["name"]: v for v in pod["volumes"]}
         assert volumes["config"]["configMap"]["name"] == config_map["metadata"]["name"]  # hash suffix followed
-        assert volumes["data"]["persistentVolumeClaim"]["claimName"] == "splitlora-data"
+        if pod is launcher or name != "edge":  # (edge clients do not mount the shared volume)
+            assert volumes["data"]["persistentVolumeClaim"]["claimName"] == "splitlora-data"
         assert pod["serviceAccountName"] == "splitlora" and pod["automountServiceAccountToken"] is False
     if name == "gpu":
         for pod in (launcher, workers["template"]["spec"]):
             assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
             assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+
+
+def test_edge_clients_read_their_own_device_and_nothing_shared(tmp_path):
+    """edge: the server on a GPU node; each client on its own edge device (one per node),
+    reading its data read-only from the device; no client mounts the shared volume, and the
+    config makes each client train on all of its own file (the server opens none)."""
+    objects = render("edge")
+    job = _by_kind(objects, "MPIJob")[0]["spec"]
+    launcher = job["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]
+    worker = job["mpiReplicaSpecs"]["Worker"]["template"]["spec"]
+    assert launcher["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert launcher["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert worker["nodeSelector"] == {"splitlora.io/edge": "true"}
+    anti = worker["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]
+    assert anti["topologyKey"] == "kubernetes.io/hostname"
+    assert anti["labelSelector"]["matchLabels"] == {"app.kubernetes.io/component": "client"}
+    volumes = {v["name"]: v for v in worker["volumes"]}
+    assert set(volumes) == {"config", "tmp", "local-data"}  # not the shared PVC
+    assert volumes["local-data"]["hostPath"] == {"path": "/var/lib/splitlora/data", "type": "Directory"}
+    mount = next(m for m in worker["containers"][0]["volumeMounts"] if m["name"] == "local-data")
+    assert mount["readOnly"] is True
+    assert "local-data" not in {v["name"] for v in launcher["volumes"]}
+    assert int(launcher["containers"][0]["command"][2]) == 1 + job["mpiReplicaSpecs"]["Worker"]["replicas"]
+    from splitlora_mpi.config import load_config
+
+    config_map = next(o for o in objects if o["metadata"]["name"].startswith("splitlora-config"))
+    (tmp_path / "config.yaml").write_text(config_map["data"]["config.yaml"])
+    data = load_config(tmp_path / "config.yaml").data
+    assert data.partition == "local" and mount["mountPath"] == "/local-data"
+    assert data.train_path.startswith("/local-data/") and data.val_path.startswith("/local-data/")
 
 
 def test_the_packaged_config_accepts_each_overlays_config(rendered, tmp_path):

@@ -165,3 +165,44 @@ def test_handshake_refuses_a_client_with_another_config(tmp_path):
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "lora.r" in lines[0] and "rank 2" in lines[0]
     assert not (tmp_path / "runs" / "splitlora" / "summary.json").exists()
+
+
+def _word_tokenizer(out: Path, chat_template: str | None = None) -> None:
+    """A small word-level tokenizer over the packaged sample's words, saved as tokenizer.json."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for ex in read_examples(packaged_data_paths()[0], "e2e") for w in
+                    f"{ex.prompt} || {ex.completion}".split()})  # fmt: skip
+    vocab = {w: i for i, w in enumerate(["[UNK]", "<eos>", *words])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", unk_token="[UNK]")
+    tok.chat_template = chat_template
+    tok.save_pretrained(out)
+
+
+def test_handshake_refuses_a_client_with_another_tokenizer(tmp_path):
+    """The same config and tokenizer path on every rank, but rank 2's files differ only in the
+    chat template (as on a node provisioned apart): refused by name before step 1, exit 2."""
+    import sys
+
+    from conftest import MPIRUN
+
+    for host, template in (("a", None), ("b", "{% for m in messages %}{{ m.content }}{% endfor %}")):
+        _word_tokenizer(tmp_path / host / "tok", template)
+    args = [
+        sys.executable,
+        "-m",
+        "splitlora_mpi",
+        "--set",
+        "model.tokenizer=./tok",
+        "--set",
+        f"run.out_dir={tmp_path}/run",
+    ]
+    cmd = [MPIRUN, "-n", "2", "-wdir", str(tmp_path / "a"), *args, ":", "-n", "1", "-wdir", str(tmp_path / "b"), *args]
+    r = run_cmd(cmd, cwd=tmp_path, timeout=180)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "rank 2's tokenizer differs from the server's" in lines[0], lines
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # (modes load with the config, before torch: fast failure on 
     from transformers import PretrainedConfig
 
     from ..config import JobConfig
-    from ..data import EncodedData
+    from ..data import EncodedData, Tokenizer
     from ..model import SplitPart
     from ..training import OnStep
     from ..wire import Transport
@@ -43,6 +43,7 @@ class Lead(Protocol):
 class ClientRole(Protocol):
     parts: list[SplitPart]
     tokens: int
+    eval_rows: int  # validation rows it sends rank 0 per evaluation
 
     def accept(self, verdict: dict[str, Any]) -> None: ...
     def run(self, start: int, on_checkpoint: Callable[[int], None], stop_requested: Callable[[], bool]) -> None: ...
@@ -56,6 +57,7 @@ class Setup:
 
     cfg: JobConfig
     config: PretrainedConfig  # the Hugging Face model config
+    tokenizer: Tokenizer
     transport: Transport
     channel: Channel
     device: torch.device

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import JobConfig
+from ..config import CLIENT, JobConfig
+from ..errors import ConfigError
 from .base import Lead, Mode, Setup, refuse_cut_options
 
 
@@ -15,6 +16,11 @@ class Central(Mode):
 
     def check_config(self, cfg: JobConfig) -> None:
         refuse_cut_options(cfg)
+        if CLIENT in (cfg.data.train_path or "") and cfg.data.clients < 1:
+            raise ConfigError(
+                "config key 'data.clients': run.mode central with {client} paths trains on the union of the "
+                "files of clients 1..N; expected N ≥ 1"
+            )
 
     def lead(self, s: Setup) -> Lead:
         from ..roles.whole import WholeModel

@@ -3,7 +3,7 @@ over every rank averages the adapters each round. Rank 0 evaluates and logs."""
 
 from __future__ import annotations
 
-from ..config import JobConfig
+from ..config import CLIENT, JobConfig
 from ..errors import ConfigError
 from .base import ClientRole, Lead, Mode, Setup, refuse_cut_options
 
@@ -13,6 +13,11 @@ class FedLoRA(Mode):
 
     def check_config(self, cfg: JobConfig) -> None:
         refuse_cut_options(cfg)
+        if CLIENT in (cfg.data.val_path or ""):
+            raise ConfigError(
+                "config key 'data.val_path': fedlora's rank 0 evaluates the averaged model on one shared "
+                f"validation file; expected a path without {CLIENT} (or run.mode splitlora / sl)"
+            )
         every, t = cfg.checkpoint.every, cfg.train
         if every and every % t.aggregate_every:
             raise ConfigError(

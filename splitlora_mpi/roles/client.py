@@ -103,7 +103,8 @@ class Client:
         self.train = train
         self.sampler = Sampler(train_rows, cfg.train.batch_size, cfg.run.seed, index)
         self.val = val
-        self.val_rows = shard(len(val), num_clients, index)
+        own = cfg.data.partition == "local"  # its own validation file: all of it; a shared one: its shard
+        self.val_rows = list(range(len(val))) if own else shard(len(val), num_clients, index)
         self.index = index
         self.num_clients = num_clients
         self.channel = channel
@@ -118,6 +119,11 @@ class Client:
         self.fedavg = functools.partial(aggregate.fedavg, allreduce_sum=self.transport.allreduce_sum)
         self.tokens = 0
         self.tokens_since_average = 0
+
+    @property
+    def eval_rows(self) -> int:
+        """The validation rows this client sends per evaluation."""
+        return len(self.val_rows)
 
     def accept(self, verdict: dict[str, Any]) -> None:
         """Per-client cut points: every client-side adapter tensor (key: shape) is averaged among

@@ -85,6 +85,7 @@ class FedClient:
         self.cfg = local.cfg
         self.transport = transport
         self.tokens_since_average = 0
+        self.eval_rows = 0  # (rank 0 evaluates the average)
 
     def accept(self, verdict: dict[str, Any]) -> None:
         """(Nothing to learn from rank 0.)"""

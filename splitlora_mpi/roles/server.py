@@ -17,7 +17,7 @@ import torch
 
 from .. import aggregate
 from ..config import JobConfig
-from ..data import IGNORE, shard
+from ..data import IGNORE
 from ..errors import Diverged
 from ..model import SplitPart
 from ..training import (
@@ -112,7 +112,7 @@ class Server:
         self.metrics = channel.transport.metrics
         self.clients = sorted(clients)
         self.cut = {c: cfg.split.cut_of(c - 1) for c in self.clients}  # the block each client's rows enter at
-        self.val_rows = 0  # (the clients' validation rows: known from the handshake)
+        self.eval_rows: dict[int, int] = {}  # validation rows each client sends (from the handshake)
         self.micro_batches = cfg.comm.micro_batches
         self.loss = ClientTailLoss(self.trainer, channel) if cfg.split.label_private else ServerLoss(
             self.trainer, cfg.train.label_smoothing)  # fmt: skip
@@ -126,9 +126,8 @@ class Server:
         """What the handshake told of the clients. With per-client cut points, each client's
         adapter tensors (key: shape): the server's copies of blocks some clients hold join
         their FedAvg."""
-        first = hellos[self.clients[0]]
-        self.val_rows = first["val_rows"]
-        self.client_adapter_numel = first["adapter_numel"]
+        self.eval_rows = {c: hellos[c]["eval_rows"] for c in self.clients}
+        self.client_adapter_numel = hellos[self.clients[0]]["adapter_numel"]
         if len(self.cfg.split.cuts()) > 1:
             self.client_adapters = {c: hellos[c]["adapter_shapes"] for c in self.clients}
 
@@ -247,11 +246,9 @@ class Server:
 
     @torch.no_grad()
     def evaluate(self, step: int) -> float:
-        """Validation loss over every active client's share, round by round (one batch per client)."""
+        """Validation loss over every active client's rows, round by round (one batch per client)."""
         active = self.active(step)
-        b = self.cfg.train.batch_size
-        shares = {c: shard(self.val_rows, len(active), self.clients.index(c) if len(active) > 1 else 0) for c in active}
-        batches = {c: -(-len(rows) // b) for c, rows in shares.items()}
+        batches = {c: -(-self.eval_rows[c] // self.cfg.train.batch_size) for c in active}
         total, count = 0.0, 0
         for r in range(max(batches.values())):
             uploads = self.channel.recv([c for c in active if batches[c] > r], EVAL, self.loss.upload)

@@ -42,6 +42,7 @@ class WholeModel:
         self.device = next(client_part.parameters()).device
         self.metrics = metrics
         self.parts = [client_part, server_part]
+        self.eval_rows = len(val)
         self.tokens = 0
 
     def meet(self, hellos: dict[int, dict[str, Any]]) -> None:

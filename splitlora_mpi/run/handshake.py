@@ -28,11 +28,13 @@ def server_handshake(
     fingerprint: dict[str, Any],
     error: str | None,
     share: Callable[[dict[int, Any]], dict[str, Any]],
+    shared_val: bool = True,
 ) -> dict[int, Any]:
     """Every client's hello; the verdict (an error, or `share(hellos)`) goes to every client.
-    Raises the error on rank 0 too (its own set-up error included), so all ranks stop alike."""
+    Raises the error on rank 0 too (its own set-up error included), so all ranks stop alike.
+    `shared_val`: every client reads one validation file (else each its own)."""
     hellos = transport.recv_objects(clients, HANDSHAKE)
-    error = error or verdict(fingerprint, hellos)
+    error = error or verdict(fingerprint, hellos, shared_val)
     reply = {"error": error, **(share(hellos) if error is None else {})}
     for c in clients:
         transport.send_object(c, HANDSHAKE, reply)
@@ -41,20 +43,26 @@ def server_handshake(
     return hellos
 
 
-def verdict(mine: dict[str, Any], hellos: dict[int, dict[str, Any]]) -> str | None:
+def verdict(mine: dict[str, Any], hellos: dict[int, dict[str, Any]], shared_val: bool = True) -> str | None:
     """None when every client is ready and configured like the server, else the one-line reason."""
     for rank in sorted(hellos):
         if hellos[rank]["error"]:
             return hellos[rank]["error"]
     for rank in sorted(hellos):
         theirs = hellos[rank]["fingerprint"]
-        for key in sorted(set(mine) | set(theirs)):
+        for key in sorted((set(mine) | set(theirs)) - {"tokenizer"}):
             if mine.get(key) != theirs.get(key):
                 return (
                     f"handshake refused: rank {rank} was started with {key}={theirs.get(key)!r}, "
                     f"the server with {key}={mine.get(key)!r}; every rank needs the same config"
                 )
+        if mine.get("tokenizer") != theirs.get("tokenizer"):
+            return (
+                f"handshake refused: rank {rank}'s tokenizer differs from the server's (sha256 "
+                f"{str(theirs.get('tokenizer'))[:12]} vs {str(mine.get('tokenizer'))[:12]}: vocabulary, special "
+                "tokens or chat template); every rank needs the same tokenizer files"
+            )
     rows = sorted({h["val_rows"] for h in hellos.values()})
-    if len(rows) > 1:
+    if shared_val and len(rows) > 1:
         return f"config key 'data.val_path': the clients read {rows} validation rows; expected the same file everywhere"
     return None

@@ -21,7 +21,7 @@ from ..fsutil import check_writable, say
 from ..metrics import Metrics
 from ..model import hf_config
 from ..modes import Mode, mode_of
-from ..modes.base import Setup
+from ..modes.base import ClientRole, Lead, Setup
 from ..wire import CHECKPOINT, EXPORT, SERVER, STATS, Transport
 from ..wire.local import LocalWorld
 from ..wire.messages import Channel
@@ -85,10 +85,11 @@ def run_rank(cfg: JobConfig, transport: Transport, stop_requested: Callable[[], 
 def _run_lead(cfg: JobConfig, mode: Mode, transport: Transport, stop_requested: Callable[[], bool]) -> None:
     clients = list(range(1, transport.size))
     m = transport.metrics
-    error, found = None, None
+    error, found, fingerprint = None, None, cfg.fingerprint()
     try:
         check_writable(cfg.out_dir)
         s = _setup(cfg, transport)
+        fingerprint["tokenizer"] = s.tokenizer.fingerprint()
         lead = mode.lead(s)
         _serve_metrics(cfg, m, transport.local_rank)
         found = _find_checkpoint(cfg, transport.size)
@@ -98,10 +99,12 @@ def _run_lead(cfg: JobConfig, mode: Mode, transport: Transport, stop_requested: 
     def share(hellos: dict[int, Any]) -> dict[str, Any]:
         return {"resume": found.step if found else None, **mode.share(cfg, hellos)}
 
-    hellos = server_handshake(transport, clients, cfg.fingerprint(), error, share)  # (raises any error)
+    shared_val = cfg.data.partition != "local"
+    hellos = server_handshake(transport, clients, fingerprint, error, share, shared_val)  # (raises any error)
     transport.open_clients_group()
     lead.meet(hellos)
-    _announce(cfg, mode, hellos or {SERVER: _hello(s, lead)})
+    reports = hellos or {SERVER: _hello(s, lead)}  # (alone, rank 0 is its own client)
+    _announce(cfg, mode, reports)
     saved = checkpoint.from_bytes(found.files[SERVER].read_bytes()) if found else None
     if found:  # (sent before the counters are restored: uncounted on both sides, like the client's receive)
         for c in mode.savers(cfg, found.step + 1, clients):
@@ -137,8 +140,9 @@ def _run_lead(cfg: JobConfig, mode: Mode, transport: Transport, stop_requested: 
         by_kind = {k: by_kind[k] + st["sent"][k] for k in by_kind}
     by_kind["control"] += m.received_from_ranks() - before  # the statistics messages themselves
     parts = {"0": holdings(mode.lead_role, lead.parts), **{str(c): stats[c]["holdings"] for c in clients}}
+    examples = [{"examples": h["train_rows"], "tokens": h["train_tokens"]} for _, h in sorted(reports.items())]
     log.close(summary(cfg, log, transport.size, bytes=by_kind, **mode.summary(lead, stats, _peak_rss_mb()),
-                      model_parts=parts))  # fmt: skip
+                      examples_by_client=examples, model_parts=parts))  # fmt: skip
     transport.barrier("finishing")
     _finish_metrics(cfg, m)
 
@@ -147,15 +151,16 @@ def _run_client(cfg: JobConfig, mode: Mode, transport: Transport, stop_requested
     clients = list(range(1, transport.size))
     metrics = transport.metrics
     hello: dict[str, Any] = {}
-    error = None
+    error, fingerprint = None, cfg.fingerprint()
     try:
         s = _setup(cfg, transport)
+        fingerprint["tokenizer"] = s.tokenizer.fingerprint()
         role = mode.client(s)
         _serve_metrics(cfg, metrics, transport.local_rank)
         hello = _hello(s, role)
     except ConfigError as e:
         error = str(e)
-    verdict = client_handshake(transport, cfg.fingerprint(), hello, error)
+    verdict = client_handshake(transport, fingerprint, hello, error)
     role.accept(verdict)
     transport.open_clients_group()
     resume = verdict["resume"]
@@ -199,8 +204,8 @@ def _setup(cfg: JobConfig, transport: Transport) -> Setup:
     loaded: dict[str, EncodedData] = {}
 
     def data(which: str) -> EncodedData:
-        if which not in loaded:
-            loaded[which] = load_split(cfg, tok, which)
+        if which not in loaded:  # (a client reads its own {client} file; rank 0 alone, central, all of them)
+            loaded[which] = load_split(cfg, tok, which, transport.rank or None)
         return loaded[which]
 
     def rows(train: EncodedData) -> list[int]:
@@ -209,18 +214,20 @@ def _setup(cfg: JobConfig, transport: Transport) -> Setup:
             max(0, transport.rank - 1)
         ]
 
-    return Setup(cfg, config, transport, channel, device, clients, data, rows)
+    return Setup(cfg, config, tok, transport, channel, device, clients, data, rows)
 
 
-def _hello(s: Setup, role: Any) -> dict[str, Any]:
+def _hello(s: Setup, role: ClientRole | Lead) -> dict[str, Any]:
     """What rank 0 learns of a client (or, alone, of itself) before step 1."""
     train, val = s.data("train"), s.data("val")
-    part = role.parts[0]
+    part, rows = role.parts[0], s.rows(train)
     return {
         "pid": os.getpid(),
-        "train_rows": len(s.rows(train)),
+        "train_rows": len(rows),
+        "train_tokens": int(train.attention_mask[rows].sum()),
         "truncated": train.truncated,
         "val_rows": len(val),
+        "eval_rows": role.eval_rows,
         "adapter_numel": _trainable(part),
         "adapter_shapes": {k: list(v.shape) for k, v in part.adapter_state().items()},
     }
@@ -233,9 +240,12 @@ def _announce(cfg: JobConfig, mode: Mode, hellos: dict[int, Any]) -> None:
     print(
         f"{mode.lead_role}: run.mode {mode.name}, {len(hellos)} client{'s' * (len(hellos) != 1)}, "
         f"{sum(x['train_rows'] for x in hellos.values())} training rows ({h['truncated']} truncated to "
-        f"{cfg.data.max_seq_len} tokens), {h['val_rows']} validation rows, {cfg.train.steps} steps",
+        f"{cfg.data.max_seq_len} tokens), {cfg.train.steps} steps",
         flush=True,
     )
+    by_client = ", ".join(f"{r}={x['train_rows']} ({x['train_tokens']:,} tokens, {x['val_rows']} validation)"
+                          for r, x in sorted(hellos.items()))  # fmt: skip
+    print(f"{mode.lead_role}: examples by client {by_client}", flush=True)
     if cfg.privacy.clip:
         p = cfg.privacy
         print(f"{mode.lead_role}: clients clip each example's activations to L2 norm {p.clip:g} and add Gaussian "
