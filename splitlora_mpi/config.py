@@ -107,7 +107,11 @@ class DataConfig:
     val_path: str | None = _f(
         None, "validation file; null = the packaged held-out E2E sample; may contain {client} like train_path"
     )
-    format: Literal["e2e", "jsonl"] = _f("e2e", "e2e: 'meaning representation||text' lines; jsonl: prompt/completion")
+    format: Literal["e2e", "jsonl", "chat"] = _f(
+        "e2e",
+        "e2e: 'meaning representation||text' lines; jsonl: prompt/completion objects; chat: "
+        '{"messages": [{"role", "content"}, ...]} objects, rendered with the tokenizer\'s chat template',
+    )
     max_seq_len: int = _f(128, "tokens per row (rows are padded or truncated to this)", min=8)
     partition: Literal["iid", "dirichlet", "local"] | None = _f(
         None,
@@ -116,6 +120,12 @@ class DataConfig:
         "paths, else iid",
     )
     clients: int = _f(0, "run.mode central with {client} paths: train on the union of clients 1..N's files", min=0)
+
+    @property
+    def scheme(self) -> str:
+        """The partition in effect: data.partition, or if null, local with {client} paths, else iid."""
+        return self.partition or ("local" if CLIENT in (self.train_path or "") else "iid")
+
     dirichlet_alpha: float = _f(0.5, "concentration of the dirichlet partition (small = skewed)", gt=0)
 
 
@@ -360,7 +370,7 @@ def _matches(value: Any, tp: Any) -> tuple[bool, Any]:
 
 
 def _check_cross_fields(cfg: JobConfig) -> None:
-    _resolve_partition(cfg)
+    _check_partition(cfg)
     if cfg.model.name_or_path is None:
         model_type = cfg.model.config.get("model_type")
         if model_type not in MODEL_FAMILIES:
@@ -397,14 +407,11 @@ def _check_cross_fields(cfg: JobConfig) -> None:
 CLIENT = "{client}"  # in data paths: each client's own file (1..N)
 
 
-def _resolve_partition(cfg: JobConfig) -> None:
-    """data.partition null: local when the training path names each client's file, else iid.
-    local with a plain path: each client reads all of the file at that path on its own host."""
+def _check_partition(cfg: JobConfig) -> None:
+    """local with a plain path: each client reads all of the file at that path on its own host."""
     d = cfg.data
     own = CLIENT in (d.train_path or "")
-    if d.partition is None:
-        d.partition = "local" if own else "iid"
-    if own and d.partition != "local":
+    if own and d.scheme != "local":
         raise ConfigError(
             f"config key 'data.partition': {d.partition} splits one shared file, but data.train_path "
             f"{d.train_path!r} names each client's own; expected local (or null)"
@@ -414,7 +421,7 @@ def _resolve_partition(cfg: JobConfig) -> None:
             f"config key 'data.val_path': {CLIENT} in the validation path needs it in data.train_path too; "
             "expected both or neither"
         )
-    if d.partition == "local" and (d.train_path is None or d.val_path is None):
+    if d.scheme == "local" and (d.train_path is None or d.val_path is None):
         raise ConfigError(
             "config key 'data.train_path': data.partition local reads each client's own files; expected "
             "data.train_path and data.val_path to be set"

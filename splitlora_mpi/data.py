@@ -1,4 +1,4 @@
-"""Data: tokenizers, the e2e and jsonl formats, per-client partitions and samplers.
+"""Data: tokenizers, the e2e, jsonl and chat formats, per-client partitions and samplers.
 
 Rows are padded to `data.max_seq_len` so every batch has the same shape on the wire.
 The loss is only on the text / completion tokens; truncation cuts the prompt first, so
@@ -18,10 +18,12 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from .chat import Messages, encode_chat, parse_chat
 from .config import CLIENT, JobConfig, local_or_hub
 from .errors import ConfigError
 
 IGNORE = -100
+FORMATS = ("e2e", "jsonl", "chat")
 
 
 class Tokenizer(Protocol):
@@ -103,7 +105,9 @@ def load_tokenizer(spec: str) -> Tokenizer:
 class Example:
     prompt: str
     completion: str
-    group: str  # the meaning representation (e2e) or the prompt (jsonl): the unit of non-IID skew
+    group: str  # the meaning representation (e2e), the prompt (jsonl) or the first user turn (chat)
+    messages: Messages = ()  # chat: the transcript
+    where: str = ""  # file:line
 
 
 def packaged_data_paths() -> tuple[Path, Path]:
@@ -114,8 +118,8 @@ def packaged_data_paths() -> tuple[Path, Path]:
 
 def read_examples(path: str | Path, fmt: str) -> list[Example]:
     """Parse a whole file up front, so bad data fails at start-up with file:line, not mid-run."""
-    if fmt not in ("e2e", "jsonl"):
-        raise ConfigError(f"config key 'data.format': expected 'e2e' or 'jsonl', got {fmt!r}")
+    if fmt not in FORMATS:
+        raise ConfigError(f"config key 'data.format': expected one of {', '.join(FORMATS)}, got {fmt!r}")
     path = Path(path)
     try:
         text = path.read_bytes().decode("utf-8")
@@ -126,7 +130,7 @@ def read_examples(path: str | Path, fmt: str) -> list[Example]:
     except UnicodeDecodeError as e:
         line = path.read_bytes()[: e.start].count(b"\n") + 1
         raise ConfigError(f"data file {path}:{line}: not UTF-8 text (binary data?)") from None
-    parse = _parse_e2e if fmt == "e2e" else _parse_jsonl
+    parse = {"e2e": _parse_e2e, "jsonl": _parse_jsonl, "chat": _parse_chat}[fmt]
     # split on "\n" only: splitlines() also breaks on U+2028, form feeds, ... (wrong line numbers)
     examples = [parse(line, f"{path}:{i}") for i, line in enumerate(text.split("\n"), 1) if line.strip()]
     if not examples:
@@ -160,6 +164,12 @@ def _parse_jsonl(line: str, where: str) -> Example:
     return Example(obj["prompt"], obj["completion"], obj["prompt"])
 
 
+def _parse_chat(line: str, where: str) -> Example:
+    messages = parse_chat(line, where)
+    first_user = next((c for r, c in messages if r == "user"), "")
+    return Example("", "", first_user, messages, where)
+
+
 # ---------------------------------------------------------------- encoding
 
 
@@ -176,33 +186,38 @@ class EncodedData:
 
 
 def encode_examples(examples: list[Example], tok: Tokenizer, max_seq_len: int, fmt: str = "e2e") -> EncodedData:
-    """Pad / truncate every row to max_seq_len; labels (unshifted) only on completion + eos.
-
-    Too long: the completion keeps min(len, max(T // 2, T - len(prompt))) tokens and the
-    prompt its first T - kept tokens, so every row keeps targets (DESIGN §8).
-    """
+    """Pad / truncate every row to max_seq_len; labels (unshifted) only on the targets: the
+    completion + eos (e2e, jsonl), the assistant turns (chat)."""
     n, t = len(examples), max_seq_len
     ids = torch.full((n, t), tok.pad_token_id, dtype=torch.long)
     mask = torch.zeros((n, t), dtype=torch.long)
     labels = torch.full((n, t), IGNORE, dtype=torch.long)
     truncated = 0
     for i, ex in enumerate(examples):
-        prompt, completion = _encode_pair(ex, tok, fmt)
-        if len(prompt) + len(completion) > t:
-            truncated += 1
-            completion = completion[: min(len(completion), max(t // 2, t - len(prompt)))]
-            prompt = prompt[: t - len(completion)]
-        row = prompt + completion
+        if fmt == "chat":
+            row, targets, cut = encode_chat(ex.messages, getattr(tok, "hf", None), t, ex.where)
+        else:
+            row, targets, cut = _encode_pair(ex, tok, fmt, t)
+        truncated += cut
         ids[i, : len(row)] = torch.tensor(row)
         mask[i, : len(row)] = 1
-        labels[i, len(prompt) : len(row)] = ids[i, len(prompt) : len(row)]
+        labels[i, : len(row)] = torch.where(torch.tensor(targets), ids[i, : len(row)], IGNORE)
     return EncodedData(ids, mask, labels, [ex.group for ex in examples], truncated)
 
 
-def _encode_pair(ex: Example, tok: Tokenizer, fmt: str) -> tuple[list[int], list[int]]:
+def _encode_pair(ex: Example, tok: Tokenizer, fmt: str, t: int) -> tuple[list[int], list[bool], bool]:
+    """(ids, targets, cut) of a prompt / completion row: targets on the completion and eos.
+    Too long: the completion keeps min(len, max(T // 2, T - len(prompt))) tokens and the
+    prompt its first T - kept tokens, so every row keeps targets (DESIGN §8)."""
     if fmt == "e2e":
-        return tok.encode(ex.prompt + " ||"), tok.encode(" " + ex.completion) + [tok.eos_token_id]
-    return tok.encode(ex.prompt), tok.encode(ex.completion) + [tok.eos_token_id]
+        prompt, completion = tok.encode(ex.prompt + " ||"), tok.encode(" " + ex.completion) + [tok.eos_token_id]
+    else:
+        prompt, completion = tok.encode(ex.prompt), tok.encode(ex.completion) + [tok.eos_token_id]
+    cut = len(prompt) + len(completion) > t
+    if cut:
+        completion = completion[: min(len(completion), max(t // 2, t - len(prompt)))]
+        prompt = prompt[: t - len(completion)]
+    return prompt + completion, [False] * len(prompt) + [True] * len(completion), cut
 
 
 @dataclass
@@ -319,7 +334,7 @@ def train_val_paths(cfg: JobConfig) -> tuple[str, str]:
     if (cfg.data.train_path is None or cfg.data.val_path is None) and cfg.data.format != "e2e":
         raise ConfigError(
             "config key 'data.val_path': the packaged sample is e2e; set data.train_path and "
-            "data.val_path for data.format=jsonl"
+            f"data.val_path for data.format={cfg.data.format}"
         )
     return cfg.data.train_path or str(train), cfg.data.val_path or str(val)
 

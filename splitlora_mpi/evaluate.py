@@ -102,6 +102,8 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
     run: Path = args.run_dir
     cfg = load_run_config(run)
     base = base_model_path(run)
+    if cfg.data.format == "chat":
+        raise ConfigError("run.data.format chat: the E2E scores need prompt / completion data (e2e or jsonl)")
     if args.data is None and cfg.data.format != "e2e":
         raise ConfigError(f"--data: required for a run trained on {cfg.data.format} data (the default is E2E)")
     data = args.data if args.data is not None else packaged_data_paths()[1]

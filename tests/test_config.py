@@ -71,7 +71,7 @@ def test_model_config_with_model_type_replaces_default(tmp_path):
         ("data.train_path=/d/c-{client}.txt ; data.partition=iid", "data.partition", "expected local (or null)"),
         ("data.partition=local", "data.train_path", "expected data.train_path and data.val_path"),
         ("data.val_path=/d/v-{client}.txt", "data.val_path", "needs it in data.train_path too"),
-        ("data.train_path=/d/c-{client}.txt ; run.mode=central", "data.clients", "expected N ≥ 1"),
+        ("data.train_path=/d/c-{client}.txt ; data.val_path=/d/v.txt ; run.mode=central", "data.clients", "N ≥ 1"),
         (
             "data.train_path=/d/c-{client}.txt ; data.val_path=/d/v-{client}.txt ; run.mode=fedlora",
             "data.val_path",
@@ -152,5 +152,5 @@ def test_every_preset_loads(preset):
 
 
 def test_client_paths_default_to_the_local_partition():
-    assert load_config(overrides=["data.train_path=/d/c-{client}.txt"]).data.partition == "local"
-    assert load_config().data.partition == "iid"
+    assert load_config(overrides=["data.train_path=/d/c-{client}.txt", "data.val_path=/d/v.txt"]).data.scheme == "local"
+    assert load_config().data.scheme == "iid"

@@ -242,3 +242,27 @@ def test_packaged_sample_follows_its_recipe():
     train, val = packaged_data_paths()
     assert train.read_text() == "".join(ln + "\n" for mr in mrs[:150] for ln in order[mr])
     assert val.read_text() == "".join(ln + "\n" for mr in mrs[150:175] for ln in order[mr])
+
+
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        ('{"messages": [{"role": "user", "content": "hi"}]}', ":1: no assistant turn"),
+        ('{"messages": [{"role": "bot", "content": "hi"}]}', ":1: unknown role 'bot'"),
+        ('{"messages": []}', ":1: no 'messages' list"),
+        ('{"messages": [{"role": "assistant"}]}', ":1: a message without string 'content'"),
+    ],
+)
+def test_bad_chat_lines_name_file_and_line(tmp_path, line, expected):
+    path = tmp_path / "chat.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(ConfigError) as e:
+        read_examples(path, "chat")
+    assert f"{path}{expected}" in str(e.value)
+
+
+def test_chat_needs_a_tokenizer_with_a_chat_template(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n')
+    with pytest.raises(ConfigError, match=r"chat.jsonl:1: data.format chat needs a tokenizer with a chat template"):
+        encode_examples(read_examples(path, "chat"), ByteTokenizer(), 32, "chat")

@@ -177,7 +177,7 @@ def test_edge_clients_read_their_own_device_and_nothing_shared(tmp_path):
     config_map = next(o for o in objects if o["metadata"]["name"].startswith("splitlora-config"))
     (tmp_path / "config.yaml").write_text(config_map["data"]["config.yaml"])
     data = load_config(tmp_path / "config.yaml").data
-    assert data.partition == "local" and mount["mountPath"] == "/local-data"
+    assert data.scheme == "local" and mount["mountPath"] == "/local-data"
     assert data.train_path.startswith("/local-data/") and data.val_path.startswith("/local-data/")
 
 

@@ -177,3 +177,24 @@ def test_evaluate_decodes_with_base_and_adapter(model_dir, val_file, two_clients
     )
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     assert preds == adapted and preds != decoding.generate(base, tok, prompts, 48, 16, 1, 0)
+
+
+def test_chat_rows_train_on_the_assistant_turns_only(tmp_path, model_dir):
+    """data.format chat with SmolLM2's own template: the exact target mask of one transcript
+    (the template's default system turn and each role header are context, the assistant's
+    text, its <|im_end|> and the newline after it are targets), and a cut row keeps targets."""
+    from splitlora_mpi.data import encode_examples, load_tokenizer, read_examples
+
+    turns = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
+             {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "See you"}]  # fmt: skip
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": turns}) + "\n")
+    tok = load_tokenizer(str(model_dir))
+    row = encode_examples(read_examples(path, "chat"), tok, 96, "chat")
+    n = int(row.attention_mask[0].sum())
+    pieces = tok.hf.convert_ids_to_tokens(row.input_ids[0, :n].tolist())
+    targets = [p for p, label in zip(pieces, row.labels[0, :n].tolist()) if label != -100]
+    assert targets == ["Hello", "!", "<|im_end|>", "Ċ", "See", "Ġyou", "<|im_end|>", "Ċ"]
+    assert pieces[:3] == ["<|im_start|>", "system", "Ċ"] and pieces.count("<|im_start|>") == 5
+    cut = encode_examples(read_examples(path, "chat"), tok, 16, "chat")  # the system turn alone is longer
+    assert cut.truncated == 1 and int((cut.labels[0] != -100).sum()) >= 1

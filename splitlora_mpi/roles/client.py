@@ -103,7 +103,7 @@ class Client:
         self.train = train
         self.sampler = Sampler(train_rows, cfg.train.batch_size, cfg.run.seed, index)
         self.val = val
-        own = cfg.data.partition == "local"  # its own validation file: all of it; a shared one: its shard
+        own = cfg.data.scheme == "local"  # its own validation file: all of it; a shared one: its shard
         self.val_rows = list(range(len(val))) if own else shard(len(val), num_clients, index)
         self.index = index
         self.num_clients = num_clients

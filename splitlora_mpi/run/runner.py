@@ -99,7 +99,7 @@ def _run_lead(cfg: JobConfig, mode: Mode, transport: Transport, stop_requested: 
     def share(hellos: dict[int, Any]) -> dict[str, Any]:
         return {"resume": found.step if found else None, **mode.share(cfg, hellos)}
 
-    shared_val = cfg.data.partition != "local"
+    shared_val = cfg.data.scheme != "local"
     hellos = server_handshake(transport, clients, fingerprint, error, share, shared_val)  # (raises any error)
     transport.open_clients_group()
     lead.meet(hellos)
@@ -210,7 +210,7 @@ def _setup(cfg: JobConfig, transport: Transport) -> Setup:
 
     def rows(train: EncodedData) -> list[int]:
         d = cfg.data
-        return partition(train.groups, max(1, len(clients)), d.partition, d.dirichlet_alpha, cfg.run.seed)[
+        return partition(train.groups, max(1, len(clients)), d.scheme, d.dirichlet_alpha, cfg.run.seed)[
             max(0, transport.rank - 1)
         ]
 
