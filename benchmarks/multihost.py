@@ -37,12 +37,6 @@ from netns import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-PREFIX = "slm-"
-NET = "198.51.100."  # RFC 5737 TEST-NET-2; must be unused on this machine
-ROUTER = NET + "1"  # the root end of every link: the hosts' gateway and mpiexec's address
-IFACE = "eth0"  # each host's link, inside its namespace
-RULES = 20000  # policy rule preferences (and table ids) of the delay lines: RULES .. RULES + 999
-STATE = Path("/run/slm-multihost")  # lock + the ip_forward value to restore after a kill -9
 
 
 def pingpong(sizes: Sequence[int], seconds: float = 0.3) -> None:

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_adapter, run_cmd, run_rows, run_summary, splitlora
+from conftest import run_cmd, run_rows, run_summary, splitlora
 from peft import PeftModel
+from test_roles import assert_same_training
 from transformers import AutoModelForCausalLM
 
 from splitlora_mpi.config import load_config
@@ -39,29 +40,14 @@ def equivalence_runs(tmp_path_factory, central_run) -> tuple[Path, Path]:
     return _run(tmp_path_factory.mktemp("equiv"), "splitlora", 2), central_run
 
 
-def _assert_same_training(a_dir: Path, b_dir: Path) -> None:
-    a, b = run_rows(a_dir), run_rows(b_dir)
-    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 9))
-    for ra, rb in zip(a, b):
-        assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-5)
-        assert ra["tokens"] == rb["tokens"]
-        if "val_loss" in rb:
-            assert ra["val_loss"] == pytest.approx(rb["val_loss"], rel=1e-5)
-    assert a[-1]["train_loss"] != a[0]["train_loss"]
-    wa, wb = run_adapter(a_dir), run_adapter(b_dir)
-    assert wa.keys() == wb.keys() and len(wa) > 0
-    for k in wa:
-        assert torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-7), k
-
-
 def test_split_with_one_client_equals_central(equivalence_runs):
-    _assert_same_training(*equivalence_runs)
+    assert_same_training(*equivalence_runs)
 
 
 @pytest.mark.parametrize("mode", ["sl", "fedlora"])
 def test_baselines_with_one_client_equal_central(tmp_path, central_run, mode):
     """One client: sl has nobody to take turns with, fedlora's average is the client itself."""
-    _assert_same_training(_run(tmp_path, mode, 2), central_run)
+    assert_same_training(_run(tmp_path, mode, 2), central_run)
 
 
 def test_outputs_and_summary_keys(equivalence_runs):
