@@ -30,10 +30,13 @@ def _case_files(tmp: Path) -> dict[str, list[str]]:
         return f"data.train_path={_write(tmp / name, content)}"
 
     blocker = _write(tmp / "a-file", "not a directory")
+    _write(tmp / "b-2.txt", good + "just text here\n")  # client 2's file of "bad line in a client file"
     val_jsonl = _write(tmp / "v.jsonl", '{"prompt": "p", "completion": "c"}\n')
     return {
         "empty data file": ["--set", data("empty.txt", "")],
         "missing data file": ["--set", f"data.train_path={tmp / 'missing.txt'}"],
+        "bad line in a client file": ["--set", data("b-1.txt", good).replace("b-1", "b-{client}"),
+                                      "--set", f"data.val_path={tmp / 'v-ok.txt'}"],
         "missing client file": ["--set", data("c-1.txt", good).replace("c-1", "c-{client}"),
                                 "--set", f"data.val_path={_write(tmp / 'v-ok.txt', good)}"],
         "no || separator": ["--set", data("nosep.txt", good + "just text here\n")],
@@ -60,6 +63,7 @@ EXPECTED = {
     "empty data file": "no examples",
     "missing data file": "not found",
     "missing client file": "client 2: config key 'data.train_path': ",
+    "bad line in a client file": ("client 2: config key 'data.train_path': ", "b-2.txt:5: no '||' separator"),
     "no || separator": "nosep.txt:5: no '||' separator",
     "binary garbage": "bin.txt:5: not UTF-8",
     "invalid jsonl": "t.jsonl:1: expected an object with string fields",
@@ -87,13 +91,14 @@ def test_bad_input_is_one_line_exit_2_and_harmless(case, tmp_path):
     _write(previous / "summary.json", SENTINEL)
     start = time.monotonic()
     # (fewer ranks start faster on 2 cores; 2 clients where every client fails and rank 0 must say it once)
-    ranks = RANKS if case in ("fewer examples than clients", "no || separator", "missing client file") else 2
+    ranks = RANKS if case in ("fewer examples than clients", "no || separator") or "client file" in case else 2
     r = run_cmd(splitlora(*args, ranks=ranks), cwd=tmp_path, timeout=60)
     elapsed = time.monotonic() - start
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-2000:]
-    assert EXPECTED[case] in lines[0]
+    expected = EXPECTED[case]
+    assert all(part in lines[0] for part in (expected if isinstance(expected, tuple) else (expected,))), lines[0]
     assert "Traceback" not in r.stdout + r.stderr
     assert elapsed < 30, elapsed
     assert (previous / "summary.json").read_text() == SENTINEL  # an earlier run's outputs are untouched

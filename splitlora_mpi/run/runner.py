@@ -236,10 +236,11 @@ def _hello(s: Setup, role: ClientRole | Lead) -> dict[str, Any]:
 def _announce(cfg: JobConfig, mode: Mode, hellos: dict[int, Any]) -> None:
     pids = " ".join(f"{r}={h['pid']}" for r, h in sorted({SERVER: {"pid": os.getpid()}, **hellos}.items()))
     print(f"{mode.lead_role}: process ids by rank {pids} (mpirun names a failed rank by its pid)", flush=True)
-    h = next(iter(hellos.values()))
+    cut = [x["truncated"] for x in hellos.values()]  # (each client's own file, or each the whole shared one)
+    truncated = sum(cut) if cfg.data.scheme == "local" else cut[0]
     print(
         f"{mode.lead_role}: run.mode {mode.name}, {len(hellos)} client{'s' * (len(hellos) != 1)}, "
-        f"{sum(x['train_rows'] for x in hellos.values())} training rows ({h['truncated']} truncated to "
+        f"{sum(x['train_rows'] for x in hellos.values())} training rows ({truncated} truncated to "
         f"{cfg.data.max_seq_len} tokens), {cfg.train.steps} steps",
         flush=True,
     )
