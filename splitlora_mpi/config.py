@@ -20,6 +20,7 @@ import yaml
 from .errors import ConfigError
 
 MODEL_FAMILIES = ("gpt2", "llama", "qwen2", "mistral")
+CLIENT = "{client}"  # in data paths: each client's own file (1..N)
 
 
 def local_or_hub(spec: str) -> str:
@@ -120,13 +121,12 @@ class DataConfig:
         "paths, else iid",
     )
     clients: int = _f(0, "run.mode central with {client} paths: train on the union of clients 1..N's files", min=0)
+    dirichlet_alpha: float = _f(0.5, "concentration of the dirichlet partition (small = skewed)", gt=0)
 
     @property
     def scheme(self) -> str:
         """The partition in effect: data.partition, or if null, local with {client} paths, else iid."""
         return self.partition or ("local" if CLIENT in (self.train_path or "") else "iid")
-
-    dirichlet_alpha: float = _f(0.5, "concentration of the dirichlet partition (small = skewed)", gt=0)
 
 
 @dataclass
@@ -402,9 +402,6 @@ def _check_cross_fields(cfg: JobConfig) -> None:
             f"config key 'train.eval_every': expected a multiple of train.aggregate_every ({t.aggregate_every}) "
             f"so validation sees averaged adapters, got {t.eval_every}"
         )
-
-
-CLIENT = "{client}"  # in data paths: each client's own file (1..N)
 
 
 def _check_partition(cfg: JobConfig) -> None:

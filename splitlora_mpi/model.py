@@ -335,6 +335,10 @@ class SplitPart(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def trainable_numel(self) -> int:
+        """How many values its LoRA adapter trains."""
+        return sum(p.numel() for p in self.trainable_parameters())
+
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """The adapter in PEFT's saved-key format: the one definition of "the adapter"."""
         return get_peft_model_state_dict(self.peft)
@@ -344,6 +348,17 @@ class SplitPart(nn.Module):
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
             raise ValueError(f"adapter keys not in this model part: {unexpected[:3]}")
+
+
+def joined_adapter_state(parts: list[SplitPart]) -> dict[str, torch.Tensor]:
+    """The adapter of the parts of one model under their PEFT keys (disjoint: block indices are global)."""
+    return {k: v for part in parts for k, v in part.adapter_state().items()}
+
+
+def load_joined_adapter_state(parts: list[SplitPart], state: dict[str, torch.Tensor]) -> None:
+    """Each part takes its own keys of `state`."""
+    for part in parts:
+        part.load_adapter_state({k: state[k] for k in part.adapter_state()})
 
 
 def export_adapter(out: Path, part: SplitPart, state: dict[str, torch.Tensor], base_path: str) -> None:

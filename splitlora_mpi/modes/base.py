@@ -116,6 +116,17 @@ class Mode(ABC):
         }
 
 
+def refuse_per_client_cuts(cfg: JobConfig) -> None:
+    """One cut point per client: a splitlora rule (its server runs the blocks in between)."""
+    from ..errors import ConfigError
+
+    if isinstance(cfg.split.client_layers, list):
+        raise ConfigError(
+            f"config key 'split.client_layers': one cut point per client needs run.mode splitlora (got "
+            f"{cfg.run.mode}); expected one integer"
+        )
+
+
 def refuse_cut_options(cfg: JobConfig) -> None:
     """The rules of a mode that sends no activations (every rank holds the whole model)."""
     from ..errors import ConfigError
@@ -126,11 +137,7 @@ def refuse_cut_options(cfg: JobConfig) -> None:
             f"config key 'privacy.clip': privacy protects cut-layer activations, which run.mode {mode} "
             "does not send; expected 0 or run.mode splitlora / sl"
         )
-    if isinstance(s.client_layers, list):
-        raise ConfigError(
-            f"config key 'split.client_layers': one cut point per client needs run.mode splitlora (got "
-            f"{mode}); expected one integer"
-        )
+    refuse_per_client_cuts(cfg)
     if s.label_private or s.tail_layers:
         raise ConfigError(
             f"config key 'split.label_private': run.mode {mode} sends no activations; expected false "

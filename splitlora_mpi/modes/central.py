@@ -30,7 +30,7 @@ class Central(Mode):
 
     def summary(self, lead: Lead, stats: dict[int, dict[str, Any]], rss_mb: float) -> dict[str, Any]:
         """The one rank is the one client too."""
-        client, server = (sum(p.numel() for p in part.trainable_parameters()) for part in lead.parts)
+        client, server = (part.trainable_numel() for part in lead.parts)
         return {
             "num_clients": 1,
             "tokens_by_client": [lead.tokens],

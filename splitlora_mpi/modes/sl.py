@@ -4,19 +4,14 @@
 from __future__ import annotations
 
 from ..config import JobConfig
-from ..errors import ConfigError
-from .base import ClientRole, Lead, Mode, Setup
+from .base import ClientRole, Lead, Mode, Setup, refuse_per_client_cuts
 
 
 class SL(Mode):
     name = "sl"
 
     def check_config(self, cfg: JobConfig) -> None:
-        if isinstance(cfg.split.client_layers, list):
-            raise ConfigError(
-                "config key 'split.client_layers': one cut point per client needs run.mode splitlora (got "
-                "sl); expected one integer"
-            )
+        refuse_per_client_cuts(cfg)
 
     def lead(self, s: Setup) -> Lead:
         from ..roles.turns import TurnServer

@@ -22,7 +22,7 @@ from .. import aggregate
 from ..config import JobConfig
 from ..data import EncodedData
 from ..errors import Diverged
-from ..model import SplitPart
+from ..model import SplitPart, joined_adapter_state, load_joined_adapter_state
 from ..training import (
     OnStep,
     PartTrainer,
@@ -149,7 +149,7 @@ class FedServer:
         """(Every client trains the same whole model.)"""
 
     def adapter_state(self) -> aggregate.State:
-        return {**self.client_part.adapter_state(), **self.server_part.adapter_state()}
+        return joined_adapter_state(self.parts)
 
     def trainable_params(self) -> int:
         return 0  # rank 0 only averages and evaluates
@@ -171,9 +171,7 @@ class FedServer:
             result = _Round(self.transport.allreduce_sum(buf, world=True), numel, steps)
             seconds = (time.perf_counter() - round_start) / len(steps)  # the round, seen from rank 0
             result.check_finite()
-            for part in self.parts:
-                average = result.average(state)
-                part.load_adapter_state({k: average[k] for k in part.adapter_state()})
+            load_joined_adapter_state(self.parts, result.average(state))
             for step, loss, tokens in result.per_step():
                 self.tokens += tokens
                 self.transport.metrics.step(step, seconds, tokens, loss)
@@ -189,6 +187,5 @@ class FedServer:
                 "tokens": self.tokens}  # fmt: skip
 
     def load_state(self, state: dict[str, Any]) -> None:
-        for part in self.parts:
-            part.load_adapter_state({k: state["adapter"][k] for k in part.adapter_state()})
+        load_joined_adapter_state(self.parts, state["adapter"])
         self.tokens = state["tokens"]

@@ -273,7 +273,7 @@ class Server:
         return self.part.adapter_state()
 
     def trainable_params(self) -> int:
-        return sum(p.numel() for p in self.part.trainable_parameters())
+        return self.part.trainable_numel()
 
     def client_peer_bytes(self, step: int) -> int:
         """What clients sent each other by the end of `step` (rank 0 sees everything else):

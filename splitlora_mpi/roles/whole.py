@@ -16,7 +16,7 @@ import torch
 from ..config import JobConfig
 from ..data import EncodedData, Sampler, make_batch
 from ..metrics import Metrics
-from ..model import SplitPart
+from ..model import SplitPart, joined_adapter_state, load_joined_adapter_state
 from ..training import OnStep, PartTrainer, checkpoint_or_stop, evaluate_whole, is_eval_step, server_update
 
 
@@ -93,15 +93,13 @@ class WholeModel:
         return evaluate_whole(self.client.part, self.server.part, self.val, self.cfg.train.batch_size)
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
-        """Both parts' adapters under their PEFT keys (disjoint: block indices are global)."""
-        return {**self.client.part.adapter_state(), **self.server.part.adapter_state()}
+        return joined_adapter_state(self.parts)
 
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
-        for part in self.parts:
-            part.load_adapter_state({k: state[k] for k in part.adapter_state()})
+        load_joined_adapter_state(self.parts, state)
 
     def trainable_params(self) -> int:
-        return sum(p.numel() for p in self.server.params)
+        return self.server.part.trainable_numel()
 
     def client_peer_bytes(self, step: int) -> int:
         return 0

@@ -182,7 +182,7 @@ def _run_client(cfg: JobConfig, mode: Mode, transport: Transport, stop_requested
     stats = {
         "tokens": role.tokens,
         "peak_rss_mb": _peak_rss_mb(),
-        "trainable_params": sum(_trainable(p) for p in role.parts),
+        "trainable_params": sum(p.trainable_numel() for p in role.parts),
         "sent": metrics.sent_by_kind(),
         "holdings": holdings("client", role.parts),
     }
@@ -228,7 +228,7 @@ def _hello(s: Setup, role: ClientRole | Lead) -> dict[str, Any]:
         "truncated": train.truncated,
         "val_rows": len(val),
         "eval_rows": role.eval_rows,
-        "adapter_numel": _trainable(part),
+        "adapter_numel": part.trainable_numel(),
         "adapter_shapes": {k: list(v.shape) for k, v in part.adapter_state().items()},
     }
 
@@ -299,10 +299,6 @@ def _device(local_rank: int) -> torch.device:
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _trainable(part: Any) -> int:
-    return sum(p.numel() for p in part.trainable_parameters())
 
 
 # ---------------------------------------------------------------- checkpoints (rank 0 writes them all)
