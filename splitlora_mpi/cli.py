@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             if rank == 0:
                 print(cfg.to_yaml(), end="")
             return 0
-        from .run.runner import run
+        from .run.launch import run  # (torch only once every rank's input is checked)
 
         run(cfg)
         return 0

@@ -3,7 +3,9 @@
 Rows are padded to `data.max_seq_len` so every batch has the same shape on the wire.
 The loss is only on the text / completion tokens; truncation cuts the prompt first, so
 every row keeps target tokens (a row without any would average a loss over zero tokens).
-No MPI and no model code here.
+No MPI and no model code here. Reading, parsing and partitioning need no torch (a rank
+checks its input before the heavy imports, run/preflight.py); torch is imported where
+tensors are built.
 """
 
 from __future__ import annotations
@@ -13,14 +15,16 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-import torch
 
 from .chat import Messages, encode_chat, parse_chat
 from .config import CLIENT, JobConfig, local_or_hub
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 IGNORE = -100
 FORMATS = ("e2e", "jsonl", "chat")
@@ -91,11 +95,24 @@ def load_tokenizer(spec: str) -> Tokenizer:
 
         return HFTokenizer(AutoTokenizer.from_pretrained(local_or_hub(spec)))
     except Exception as e:  # transformers / tokenizers raise many types; all mean "cannot load"
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(
-            f"config key 'model.tokenizer': cannot load '{spec}': {reason}; "
-            "expected 'byte', a hub id or a tokenizer directory"
-        ) from None
+        raise _cannot_load_tokenizer(spec, e) from None
+
+
+def check_tokenizer_path(spec: str) -> None:
+    """model.tokenizer, when it is a path, must be a directory (a hub id is checked when loaded)."""
+    if spec != "byte":
+        try:
+            local_or_hub(spec)
+        except FileNotFoundError as e:
+            raise _cannot_load_tokenizer(spec, e) from None
+
+
+def _cannot_load_tokenizer(spec: str, e: Exception) -> ConfigError:
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return ConfigError(
+        f"config key 'model.tokenizer': cannot load '{spec}': {reason}; "
+        "expected 'byte', a hub id or a tokenizer directory"
+    )
 
 
 # ---------------------------------------------------------------- reading
@@ -188,6 +205,8 @@ class EncodedData:
 def encode_examples(examples: list[Example], tok: Tokenizer, max_seq_len: int, fmt: str = "e2e") -> EncodedData:
     """Pad / truncate every row to max_seq_len; labels (unshifted) only on the targets: the
     completion + eos (e2e, jsonl), the assistant turns (chat)."""
+    import torch
+
     n, t = len(examples), max_seq_len
     ids = torch.full((n, t), tok.pad_token_id, dtype=torch.long)
     mask = torch.zeros((n, t), dtype=torch.long)
@@ -246,6 +265,8 @@ class Batch:
 
 
 def make_batch(data: EncodedData, indices: list[int]) -> Batch:
+    import torch
+
     idx = torch.tensor(indices, dtype=torch.long)
     return Batch(data.input_ids[idx], data.attention_mask[idx], data.labels[idx])
 
@@ -339,14 +360,14 @@ def train_val_paths(cfg: JobConfig) -> tuple[str, str]:
     return cfg.data.train_path or str(train), cfg.data.val_path or str(val)
 
 
-def load_split(cfg: JobConfig, tok: Tokenizer, which: str, client: int | None) -> EncodedData:
-    """The encoded training (`which="train"`) or validation rows this rank reads: client
-    `client`'s own file for a {client} path; with client None (central) the union of the
-    files of clients 1..data.clients, in client order."""
+def read_split(cfg: JobConfig, which: str, client: int | None) -> list[Example]:
+    """The training (`which="train"`) or validation examples this rank reads: client `client`'s
+    own file for a {client} path; with client None (central) the union of the files of clients
+    1..data.clients, in client order."""
     path = train_val_paths(cfg)[0 if which == "train" else 1]
     fmt = cfg.data.format
     if CLIENT not in path:
-        return encode_examples(read_examples(path, fmt), tok, cfg.data.max_seq_len, fmt)
+        return read_examples(path, fmt)
     examples = []
     for c in [client] if client is not None else range(1, cfg.data.clients + 1):
         own = path.replace(CLIENT, str(c))
@@ -355,4 +376,10 @@ def load_split(cfg: JobConfig, tok: Tokenizer, which: str, client: int | None) -
         except ConfigError as e:
             reason = str(e).removeprefix(f"data file {own}").lstrip(":")
             raise ConfigError(f"client {c}: config key 'data.{which}_path': {own}:{reason}") from None
-    return encode_examples(examples, tok, cfg.data.max_seq_len, fmt)
+    return examples
+
+
+def rows_of(cfg: JobConfig, groups: list[str], num_clients: int, rank: int) -> list[int]:
+    """The training rows of rank `rank` (a client: its share of the partition; rank 0 alone: all)."""
+    d = cfg.data
+    return partition(groups, max(1, num_clients), d.scheme, d.dirichlet_alpha, cfg.run.seed)[max(0, rank - 1)]

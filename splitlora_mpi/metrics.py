@@ -1,5 +1,6 @@
 """This rank's counters: always kept (summary.json needs them), exported to Prometheus when
-`metrics.enabled`. The only importer of prometheus_client (DESIGN §5 fixes names and labels).
+`metrics.enabled`. The only importer of prometheus_client (DESIGN §5 fixes names and labels), and
+only when the series are exported.
 
 A leaf module: the protocol counts bytes and times waits into it, the roles record steps.
 With metrics off, recording is a dict increment and nothing else.
@@ -9,17 +10,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 from typing import Any
-
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    ProcessCollector,
-    disable_created_metrics,
-    push_to_gateway,
-    start_http_server,
-)
 
 KINDS = ("activations", "gradients", "labels", "adapters", "control")
 COMM_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -110,6 +100,8 @@ class Metrics:
     def serve(self, addr: str, port: int) -> None:
         """Start the /metrics endpoint (raises OSError when the port is taken)."""
         assert self._prom is not None, "Metrics(export=True) to serve"
+        from prometheus_client import start_http_server
+
         self._server, _ = start_http_server(port, addr=addr, registry=self._prom.registry)
 
     def stop(self) -> None:
@@ -121,6 +113,8 @@ class Metrics:
     def push(self, gateway: str, job: str) -> None:
         """Push final values to a Pushgateway (short jobs end between two scrapes)."""
         assert self._prom is not None, "Metrics(export=True) to push"
+        from prometheus_client import push_to_gateway
+
         push_to_gateway(gateway, job=job, registry=self._prom.registry, grouping_key={"rank": self.rank})
 
 
@@ -132,6 +126,15 @@ class _Prometheus:
     """The DESIGN §5 series of one rank, in a registry of their own (+ process metrics)."""
 
     def __init__(self, rank: str, role: str) -> None:
+        from prometheus_client import (
+            CollectorRegistry,
+            Counter,
+            Gauge,
+            Histogram,
+            ProcessCollector,
+            disable_created_metrics,
+        )
+
         disable_created_metrics()  # *_created series would only double the payload
         r = self.registry = CollectorRegistry()
         ProcessCollector(registry=r)

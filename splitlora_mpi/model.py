@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -32,8 +31,8 @@ from transformers.masking_utils import create_causal_mask
 
 from .config import JobConfig, local_or_hub
 from .errors import ConfigError
+from .layout import Role, blocks_of, cannot_load_model, check_positions
 
-Role = Literal["client", "server", "full"]
 log = logging.getLogger(__name__)
 
 
@@ -67,10 +66,7 @@ def hf_config(cfg: JobConfig, vocab_size: int, eos_id: int, pad_id: int) -> Pret
         try:
             return AutoConfig.from_pretrained(local_or_hub(cfg.model.name_or_path))
         except (OSError, ValueError) as e:
-            raise ConfigError(
-                f"config key 'model.name_or_path': cannot load '{cfg.model.name_or_path}': {e}; "
-                "expected a hub id or a model directory"
-            ) from None
+            raise cannot_load_model(cfg.model.name_or_path, e) from None
     kwargs = dict(cfg.model.config)
     model_type = kwargs.pop("model_type")
     kwargs.setdefault("vocab_size", vocab_size)
@@ -90,24 +86,6 @@ def num_blocks(config: PretrainedConfig) -> int:
 # ---------------------------------------------------------------- building a side
 
 
-def blocks_of(cfg: JobConfig, n: int, role: Role, client: int = 0) -> list[int]:
-    """The (global) indices of the blocks a side holds. A client: its first `client_layers`
-    blocks, plus the last `tail_layers` with label privacy; the server: the blocks from the
-    lowest cut point up to the tail. Raises ConfigError when a side would hold none."""
-    s = cfg.split
-    cuts = s.cuts()
-    tail = s.tail_layers if s.label_private else 0
-    if role == "full":
-        return list(range(n))
-    for k in cuts:
-        if not 1 <= k <= n - tail - 1:
-            expected = f"1..{n - tail - 1} (the model has {n} blocks" + (f", {tail} in the tail)" if tail else ")")
-            raise ConfigError(f"config key 'split.client_layers': expected {expected}, got {k}")
-    if role == "server":
-        return list(range(min(cuts), n - tail))
-    return list(range(s.cut_of(client))) + list(range(n - tail, n))
-
-
 def build_base(
     cfg: JobConfig,
     config: PretrainedConfig,
@@ -121,11 +99,7 @@ def build_base(
     checkpoint keys read are appended to `tensors_read`."""
     n = num_blocks(config)
     keep = blocks_of(cfg, n, role, client)
-    positions = getattr(config, "max_position_embeddings", None)
-    if positions is not None and cfg.data.max_seq_len > positions:
-        raise ConfigError(
-            f"config key 'data.max_seq_len': expected ≤ {positions} (the model's positions), got {cfg.data.max_seq_len}"
-        )
+    check_positions(cfg, getattr(config, "max_position_embeddings", None))
     with torch.device("meta"):
         lm = AutoModelForCausalLM.from_config(config)
     tied = lm.get_output_embeddings().weight is lm.get_input_embeddings().weight

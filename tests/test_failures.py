@@ -22,8 +22,9 @@ def _write(path: Path, data: str | bytes) -> Path:
     return path
 
 
-def _case_files(tmp: Path) -> dict[str, list[str]]:
-    """name -> extra arguments; the files they name are created in tmp."""
+def bad_input_cases(tmp: Path) -> dict[str, list[str]]:
+    """name -> extra arguments; the files they name are created in tmp (benchmarks/startup.py
+    times the same cases)."""
     good = "name : A | food : B||A serves B .\n" * 4
 
     def data(name: str, content: str | bytes) -> str:
@@ -85,7 +86,7 @@ EXPECTED = {
 
 @pytest.mark.parametrize("case", sorted(EXPECTED))
 def test_bad_input_is_one_line_exit_2_and_harmless(case, tmp_path):
-    args = _case_files(tmp_path)[case]
+    args = bad_input_cases(tmp_path)[case]
     previous = tmp_path / "runs" / "splitlora"
     previous.mkdir(parents=True)
     _write(previous / "summary.json", SENTINEL)

@@ -68,6 +68,10 @@ def test_outputs_and_summary_keys(equivalence_runs):
     assert s["tokens"] == run_rows(split)[-1]["tokens"] and s["tokens_per_s"] > 0
     assert s["client_trainable_params"] > 0 and s["server_trainable_params"] > 0
     assert s["peak_rss_mb"]["server"] > 0 and s["peak_rss_mb"]["client_max"] > 0
+    phases = {"launch", "preflight", "import", "build", "handshake", "total"}
+    assert set(s["startup_s"]) == {"0", "1"} and all(set(v) == phases for v in s["startup_s"].values())
+    assert all(v["import"] > 0 and v["total"] == pytest.approx(sum(v.values()) - v["total"], abs=0.01)
+               for v in s["startup_s"].values())  # fmt: skip
     assert load_config(split / "config.yaml").train.steps == 8
 
 

@@ -80,9 +80,15 @@ class Mode(ABC):
     name: ClassVar[str]
     one_rank: ClassVar[bool] = False  # central: one process, no mpirun, no clients
     lead_role: ClassVar[str] = "server"  # rank 0's name in metrics and summary.json
+    lead_reads: ClassVar[tuple[str, ...]] = ()  # the data ("train", "val") rank 0's role reads
+    client_reads: ClassVar[tuple[str, ...]] = ("train", "val")
 
     def check_config(self, cfg: JobConfig) -> None:
         """This mode's rules (raise ConfigError naming the key), checked when the config loads."""
+        return None
+
+    def check_clients(self, cfg: JobConfig, num_clients: int) -> None:
+        """This mode's rules on the number of clients, checked by every rank before its heavy imports."""
         return None
 
     @abstractmethod

@@ -13,6 +13,7 @@ class Central(Mode):
     name = "central"
     one_rank = True
     lead_role = "central"
+    lead_reads = ("train", "val")
 
     def check_config(self, cfg: JobConfig) -> None:
         refuse_cut_options(cfg)

@@ -10,6 +10,7 @@ from .base import ClientRole, Lead, Mode, Setup, refuse_cut_options
 
 class FedLoRA(Mode):
     name = "fedlora"
+    lead_reads = ("val",)  # rank 0 evaluates the averaged whole model
 
     def check_config(self, cfg: JobConfig) -> None:
         refuse_cut_options(cfg)
@@ -28,7 +29,7 @@ class FedLoRA(Mode):
     def lead(self, s: Setup) -> Lead:
         from ..roles.fedavg import FedServer
 
-        val = s.data("val")  # rank 0 evaluates the averaged whole model
+        val = s.data("val")
         return FedServer(s.cfg, s.part("client"), s.part("server"), val, s.transport)
 
     def client(self, s: Setup) -> ClientRole:

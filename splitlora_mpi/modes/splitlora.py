@@ -23,16 +23,17 @@ def check_cut_points(cfg: JobConfig, num_clients: int) -> None:
 class SplitLoRA(Mode):
     name = "splitlora"
 
+    def check_clients(self, cfg: JobConfig, num_clients: int) -> None:
+        check_cut_points(cfg, num_clients)
+
     def lead(self, s: Setup) -> Lead:
         from ..roles.server import Server
 
-        check_cut_points(s.cfg, len(s.clients))
         return Server(s.cfg, s.part("server"), s.channel, s.clients)
 
     def client(self, s: Setup) -> ClientRole:
         from ..roles.client import Client
 
-        check_cut_points(s.cfg, len(s.clients))
         train, val = s.data("train"), s.data("val")
         part = s.part("client", s.index)
         return Client(s.cfg, part, train, s.rows(train), val, s.channel, s.index, len(s.clients))

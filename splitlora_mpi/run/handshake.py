@@ -11,12 +11,13 @@ from ..wire import HANDSHAKE, SERVER, Transport
 
 
 def client_handshake(
-    transport: Transport, fingerprint: dict[str, Any], hello: dict[str, Any], error: str | None
+    transport: Transport, fingerprint: dict[str, Any], hello: dict[str, Any], error: str | None, phase: int = HANDSHAKE
 ) -> dict[str, Any]:
     """Send the server this client's fingerprint and facts (or its set-up error); returns the
-    verdict: `resume` (the step to resume from, None: start afresh) and what the mode shares."""
-    transport.send_object(SERVER, HANDSHAKE, {"fingerprint": fingerprint, "error": error, **hello})
-    verdict = transport.recv_objects([SERVER], HANDSHAKE)[SERVER]
+    verdict: `resume` (the step to resume from, None: start afresh) and what the mode shares.
+    `phase`: the tag (the preflight before the heavy imports has its own)."""
+    transport.send_object(SERVER, phase, {"fingerprint": fingerprint, "error": error, **hello})
+    verdict = transport.recv_objects([SERVER], phase)[SERVER]
     if verdict["error"] is not None:
         raise ConfigError(verdict["error"])
     return verdict
@@ -29,15 +30,16 @@ def server_handshake(
     error: str | None,
     share: Callable[[dict[int, Any]], dict[str, Any]],
     shared_val: bool = True,
+    phase: int = HANDSHAKE,
 ) -> dict[int, Any]:
     """Every client's hello; the verdict (an error, or `share(hellos)`) goes to every client.
     Raises the error on rank 0 too (its own set-up error included), so all ranks stop alike.
     `shared_val`: every client reads one validation file (else each its own)."""
-    hellos = transport.recv_objects(clients, HANDSHAKE)
+    hellos = transport.recv_objects(clients, phase)
     error = error or verdict(fingerprint, hellos, shared_val)
     reply = {"error": error, **(share(hellos) if error is None else {})}
     for c in clients:
-        transport.send_object(c, HANDSHAKE, reply)
+        transport.send_object(c, phase, reply)
     if error is not None:
         raise ConfigError(error)
     return hellos
@@ -62,7 +64,7 @@ def verdict(mine: dict[str, Any], hellos: dict[int, dict[str, Any]], shared_val:
                 f"{str(theirs.get('tokenizer'))[:12]} vs {str(mine.get('tokenizer'))[:12]}: vocabulary, special "
                 "tokens or chat template); every rank needs the same tokenizer files"
             )
-    rows = sorted({h["val_rows"] for h in hellos.values()})
-    if shared_val and len(rows) > 1:
+    rows = sorted({h["val_rows"] for h in hellos.values()}) if shared_val else []
+    if len(rows) > 1:
         return f"config key 'data.val_path': the clients read {rows} validation rows; expected the same file everywhere"
     return None

@@ -1,23 +1,21 @@
 """Wires one rank, alike for every mode: its transport, its mode's role, the handshake, the
-step loop, and on rank 0 the checkpoints and the outputs of DESIGN §4."""
+step loop, and on rank 0 the checkpoints and the outputs of DESIGN §4. Imported once the
+input is known good (launch.py: the preflight runs before torch is imported)."""
 
 from __future__ import annotations
 
 import os
 import resource
-import signal
-import threading
 import time
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from ..config import JobConfig
-from ..data import EncodedData, load_split, load_tokenizer, partition
+from ..data import EncodedData, Example, encode_examples, load_tokenizer, read_split, rows_of
 from ..errors import ConfigError
-from ..fsutil import check_writable, say
+from ..fsutil import say
 from ..metrics import Metrics
 from ..model import hf_config
 from ..modes import Mode, mode_of
@@ -25,41 +23,27 @@ from ..modes.base import ClientRole, Lead, Setup
 from ..wire import CHECKPOINT, EXPORT, SERVER, STATS, Transport
 from ..wire.local import LocalWorld
 from ..wire.messages import Channel
-from . import checkpoint
+from . import checkpoint, preflight
 from .handshake import client_handshake, server_handshake
+from .launch import Startup
 from .outputs import holdings, summary, write_model_outputs
 from .runlog import RunLog
 
-_STOP = threading.Event()
 
-
-def run(cfg: JobConfig) -> None:
-    """This process's rank of the job (raises ConfigError for bad input). One-rank modes run
-    without MPI on an in-process transport."""
-    _quiet_libraries()
-    from ..wire.mpi import MpiTransport, world_rank, world_size
-
-    mode, size, rank = mode_of(cfg.run.mode), world_size(), world_rank()
-    if mode.one_rank and size > 1:
-        raise ConfigError(
-            f"config key 'run.mode': '{mode.name}' runs on one rank, got {size} ranks; start it without "
-            f"mpirun: python -m splitlora_mpi --set run.mode={mode.name}"
-        )
-    if not mode.one_rank and size < 2:
-        raise ConfigError(
-            f"config key 'run.mode': '{mode.name}' needs 1 server + at least 1 client rank, got 1 rank. "
-            "Launch with `mpirun -n 9 python -m splitlora_mpi` using the mpirun of the MPI that mpi4py loaded "
-            "(pip's mpich wheel puts it next to python); another launcher starts N separate 1-rank jobs"
-        )
-    _catch_stop_signals(rank)
-    metrics = Metrics(rank, mode.lead_role if rank == SERVER else "client", export=_exported(cfg))
-    transport: Transport
-    if mode.one_rank:
+def start(
+    cfg: JobConfig,
+    transport: Transport | None,
+    metrics: Metrics,
+    stop_requested: Callable[[], bool],
+    checked: preflight.Checked,
+    startup: Startup,
+) -> None:
+    """This rank after its preflight (launch.run), on `transport` (None: a one-rank mode's
+    in-process transport)."""
+    if transport is None:
         transport = LocalWorld(1).transport(0, cfg.comm.timeout_s, metrics)
-    else:
-        transport = MpiTransport(cfg.comm.timeout_s, metrics)
     _set_threads(transport.local_size)
-    run_rank(cfg, transport, _STOP.is_set)
+    run_rank(cfg, transport, stop_requested, checked, startup)
 
 
 def run_in_process(cfg: JobConfig, num_clients: int, stop_requested: Callable[[], bool] = lambda: False) -> None:
@@ -71,36 +55,57 @@ def run_in_process(cfg: JobConfig, num_clients: int, stop_requested: Callable[[]
               lambda r: Metrics(r, mode.lead_role if r == SERVER else "client"))  # fmt: skip
 
 
-def run_rank(cfg: JobConfig, transport: Transport, stop_requested: Callable[[], bool]) -> None:
+def run_rank(
+    cfg: JobConfig,
+    transport: Transport,
+    stop_requested: Callable[[], bool],
+    checked: preflight.Checked | None = None,
+    startup: Startup | None = None,
+) -> None:
+    """One rank of the job. Without `checked` (in-process runs) the rank runs its preflight
+    checks here and an error travels with the handshake."""
     mode = mode_of(cfg.run.mode)
+    startup = startup or Startup()
+    if checked is None:
+        checked = preflight.check(cfg, mode, transport.rank, transport.size)
+        startup.lap("preflight")
     if transport.rank == SERVER:
-        _run_lead(cfg, mode, transport, stop_requested)
+        _run_lead(cfg, mode, transport, stop_requested, checked, startup)
     else:
-        _run_client(cfg, mode, transport, stop_requested)
+        _run_client(cfg, mode, transport, stop_requested, checked, startup)
 
 
 # ---------------------------------------------------------------- the two kinds of rank
 
 
-def _run_lead(cfg: JobConfig, mode: Mode, transport: Transport, stop_requested: Callable[[], bool]) -> None:
+def _run_lead(
+    cfg: JobConfig,
+    mode: Mode,
+    transport: Transport,
+    stop_requested: Callable[[], bool],
+    checked: preflight.Checked,
+    startup: Startup,
+) -> None:
     clients = list(range(1, transport.size))
     m = transport.metrics
-    error, found, fingerprint = None, None, cfg.fingerprint()
-    try:
-        check_writable(cfg.out_dir)
-        s = _setup(cfg, transport)
-        fingerprint["tokenizer"] = s.tokenizer.fingerprint()
-        lead = mode.lead(s)
-        _serve_metrics(cfg, m, transport.local_rank)
-        found = _find_checkpoint(cfg, transport.size)
-    except ConfigError as e:
-        error = str(e)
+    error, found, fingerprint = checked.error, None, cfg.fingerprint()
+    if error is None:
+        try:
+            s = _setup(cfg, transport, checked.examples)
+            fingerprint["tokenizer"] = s.tokenizer.fingerprint()
+            lead = mode.lead(s)
+            _serve_metrics(cfg, m, transport.local_rank)
+            found = _find_checkpoint(cfg, transport.size)
+        except ConfigError as e:
+            error = str(e)
+    startup.lap("build")
 
     def share(hellos: dict[int, Any]) -> dict[str, Any]:
         return {"resume": found.step if found else None, **mode.share(cfg, hellos)}
 
     shared_val = cfg.data.scheme != "local"
     hellos = server_handshake(transport, clients, fingerprint, error, share, shared_val)  # (raises any error)
+    startup.lap("handshake")
     transport.open_clients_group()
     lead.meet(hellos)
     reports = hellos or {SERVER: _hello(s, lead)}  # (alone, rank 0 is its own client)
@@ -141,26 +146,37 @@ def _run_lead(cfg: JobConfig, mode: Mode, transport: Transport, stop_requested: 
     by_kind["control"] += m.received_from_ranks() - before  # the statistics messages themselves
     parts = {"0": holdings(mode.lead_role, lead.parts), **{str(c): stats[c]["holdings"] for c in clients}}
     examples = [{"examples": h["train_rows"], "tokens": h["train_tokens"]} for _, h in sorted(reports.items())]
+    startup_s = {"0": startup.report(), **{str(c): stats[c]["startup_s"] for c in clients}}
     log.close(summary(cfg, log, transport.size, bytes=by_kind, **mode.summary(lead, stats, _peak_rss_mb()),
-                      examples_by_client=examples, model_parts=parts))  # fmt: skip
+                      examples_by_client=examples, model_parts=parts, startup_s=startup_s))  # fmt: skip
     transport.barrier("finishing")
     _finish_metrics(cfg, m)
 
 
-def _run_client(cfg: JobConfig, mode: Mode, transport: Transport, stop_requested: Callable[[], bool]) -> None:
+def _run_client(
+    cfg: JobConfig,
+    mode: Mode,
+    transport: Transport,
+    stop_requested: Callable[[], bool],
+    checked: preflight.Checked,
+    startup: Startup,
+) -> None:
     clients = list(range(1, transport.size))
     metrics = transport.metrics
     hello: dict[str, Any] = {}
-    error, fingerprint = None, cfg.fingerprint()
-    try:
-        s = _setup(cfg, transport)
-        fingerprint["tokenizer"] = s.tokenizer.fingerprint()
-        role = mode.client(s)
-        _serve_metrics(cfg, metrics, transport.local_rank)
-        hello = _hello(s, role)
-    except ConfigError as e:
-        error = str(e)
+    error, fingerprint = checked.error, cfg.fingerprint()
+    if error is None:
+        try:
+            s = _setup(cfg, transport, checked.examples)
+            fingerprint["tokenizer"] = s.tokenizer.fingerprint()
+            role = mode.client(s)
+            _serve_metrics(cfg, metrics, transport.local_rank)
+            hello = _hello(s, role)
+        except ConfigError as e:
+            error = str(e)
+    startup.lap("build")
     verdict = client_handshake(transport, fingerprint, hello, error)
+    startup.lap("handshake")
     role.accept(verdict)
     transport.open_clients_group()
     resume = verdict["resume"]
@@ -185,6 +201,7 @@ def _run_client(cfg: JobConfig, mode: Mode, transport: Transport, stop_requested
         "trainable_params": sum(p.trainable_numel() for p in role.parts),
         "sent": metrics.sent_by_kind(),
         "holdings": holdings("client", role.parts),
+        "startup_s": startup.report(),
     }
     transport.send_object(SERVER, STATS, stats)
     transport.barrier("finishing")  # every rank's endpoint lingers over the same window
@@ -194,8 +211,9 @@ def _run_client(cfg: JobConfig, mode: Mode, transport: Transport, stop_requested
 # ---------------------------------------------------------------- set-up
 
 
-def _setup(cfg: JobConfig, transport: Transport) -> Setup:
-    """Tokenizer, model config, device and channel of this rank; its data on demand (cached)."""
+def _setup(cfg: JobConfig, transport: Transport, read: dict[str, list[Example]]) -> Setup:
+    """Tokenizer, model config, device and channel of this rank; its data on demand (cached;
+    `read`: the examples the preflight read, encoded instead of reading the files again)."""
     tok = load_tokenizer(cfg.model.tokenizer)
     config = hf_config(cfg, tok.vocab_size, tok.eos_token_id, tok.pad_token_id)
     device = _device(transport.local_rank)
@@ -205,14 +223,12 @@ def _setup(cfg: JobConfig, transport: Transport) -> Setup:
 
     def data(which: str) -> EncodedData:
         if which not in loaded:  # (a client reads its own {client} file; rank 0 alone, central, all of them)
-            loaded[which] = load_split(cfg, tok, which, transport.rank or None)
+            examples = read.pop(which) if which in read else read_split(cfg, which, transport.rank or None)
+            loaded[which] = encode_examples(examples, tok, cfg.data.max_seq_len, cfg.data.format)
         return loaded[which]
 
     def rows(train: EncodedData) -> list[int]:
-        d = cfg.data
-        return partition(train.groups, max(1, len(clients)), d.scheme, d.dirichlet_alpha, cfg.run.seed)[
-            max(0, transport.rank - 1)
-        ]
+        return rows_of(cfg, train.groups, len(clients), transport.rank)
 
     return Setup(cfg, config, tok, transport, channel, device, clients, data, rows)
 
@@ -251,38 +267,6 @@ def _announce(cfg: JobConfig, mode: Mode, hellos: dict[int, Any]) -> None:
         p = cfg.privacy
         print(f"{mode.lead_role}: clients clip each example's activations to L2 norm {p.clip:g} and add Gaussian "
               f"noise of std {p.clip * p.noise_multiplier:g} per coordinate", flush=True)  # fmt: skip
-
-
-def _catch_stop_signals(rank: int) -> None:
-    """SIGTERM / SIGINT (pre-emption, Ctrl-C): stop after the current step with a checkpoint
-    (exit code 143); a second signal exits at once. mpirun forwards a signal to every rank;
-    rank 0 says what happens (os.write: print is not safe inside a signal handler)."""
-
-    def handler(signum: int, frame: Any) -> None:
-        if _STOP.is_set():
-            if rank == 0:
-                os.write(2, f"second signal ({signum}): exiting at once, without a checkpoint\n".encode())
-            os._exit(128 + signum)
-        _STOP.set()
-        if rank == 0:
-            os.write(
-                2,
-                f"signal {signum}: stopping after this step with a checkpoint; signal again to exit at once\n".encode(),
-            )
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, handler)
-
-
-def _quiet_libraries() -> None:
-    """Hugging Face progress bars and notices on every rank drown the progress lines."""
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
 
 
 def _set_threads(local_ranks: int) -> None:
@@ -328,10 +312,6 @@ def _save_checkpoint(cfg: JobConfig, step: int, world_size: int, states: dict[in
 
 
 # ---------------------------------------------------------------- metrics
-
-
-def _exported(cfg: JobConfig) -> bool:
-    return cfg.metrics.enabled or cfg.metrics.pushgateway is not None
 
 
 def _serve_metrics(cfg: JobConfig, metrics: Metrics, local_rank: int) -> None:

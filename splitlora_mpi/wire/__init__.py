@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import numpy as np
-import torch
+if TYPE_CHECKING:  # (importable before torch: a rank checks its input first)
+    import numpy as np
+    import torch
 
-from ..metrics import Metrics
+    from ..metrics import Metrics
 
 SERVER = 0
 HEADER_BYTES = 64  # 8 x int64: step, dtype, ndim, 4 dims, flag
@@ -30,8 +31,9 @@ CONTINUE, DIVERGED, STOP = 0, 1, 2
 # TAIL / EVAL_TAIL: label privacy, the server's output to the client's tail and what comes back
 TRAIN, TAIL, EVAL, EVAL_TAIL = 100, 150, 200, 250
 HANDSHAKE, EXPORT, STATS, CHECKPOINT, HANDOFF = 400, 410, 420, 430, 440
+PREFLIGHT = 405  # every rank's input checks, before its heavy imports (run/preflight.py)
 
-Outgoing = dict[int, list[tuple[torch.Tensor, str]]]  # destination -> [(tensor, byte kind)]
+Outgoing = dict[int, list[tuple["torch.Tensor", str]]]  # destination -> [(tensor, byte kind)]
 
 
 @dataclass

@@ -1,0 +1,133 @@
+"""Starting one rank: the MPI world, this rank's input checks agreed with every other rank
+(preflight.py), and only then the heavy imports (torch, transformers, peft) and the runner.
+A bad input stops every rank before any of them pays for those imports; summary.json
+`startup_s` says where each rank's start-up went."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from ..config import JobConfig
+from ..errors import ConfigError
+from ..metrics import Metrics
+from ..modes import Mode, mode_of
+from ..wire import SERVER
+from . import preflight
+
+PHASES = ("launch", "preflight", "import", "build", "handshake")
+_STOP = threading.Event()
+
+
+class Startup:
+    """Seconds of this rank's start-up by phase, each from the end of the one before: `launch`
+    (process start to the runner: python, the CLI, the config), `preflight` (MPI, the input
+    checks and their exchange), `import` (torch, transformers, peft), `build` (tokenizer, data,
+    model parts with LoRA), `handshake` (waiting for every rank to be built, and the verdict)."""
+
+    def __init__(self, launch_s: float = 0.0) -> None:
+        self.seconds = dict.fromkeys(PHASES, 0.0) | {"launch": round(launch_s, 3)}
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = round(now - self._last, 3)
+        self._last = now
+
+    def report(self) -> dict[str, float]:
+        """summary.json `startup_s` of this rank: the phases and their `total`."""
+        return {**self.seconds, "total": round(sum(self.seconds.values()), 3)}
+
+
+def run(cfg: JobConfig) -> None:
+    """This process's rank of the job (raises ConfigError for bad input). One-rank modes run
+    without MPI on an in-process transport."""
+    startup = Startup(process_age_s())
+    from ..wire.mpi import MpiTransport, world_rank, world_size
+
+    mode, size, rank = mode_of(cfg.run.mode), world_size(), world_rank()
+    _check_world(mode, size)
+    _catch_stop_signals(rank)
+    metrics = Metrics(rank, mode.lead_role if rank == SERVER else "client", export=exported(cfg))
+    checked = preflight.check(cfg, mode, rank, size)
+    transport = None
+    if mode.one_rank and checked.error is not None:
+        raise ConfigError(checked.error)
+    if not mode.one_rank:
+        transport = MpiTransport(cfg.comm.timeout_s, metrics)
+        preflight.agree(transport, cfg, checked)
+    startup.lap("preflight")
+    _quiet_libraries()
+    import torch
+
+    from . import runner  # torch, transformers, peft: only once every rank's input is good
+
+    if transport is not None:  # GPU tensors reach MPI (not CUDA-aware) through pinned host buffers
+        transport.pool.pinned = torch.cuda.is_available()
+    startup.lap("import")
+    runner.start(cfg, transport, metrics, _STOP.is_set, checked, startup)
+
+
+def exported(cfg: JobConfig) -> bool:
+    """Whether this job's metrics leave the ranks (served and/or pushed)."""
+    return cfg.metrics.enabled or cfg.metrics.pushgateway is not None
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (Linux /proc; 0 where unknown)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return 0.0
+
+
+def _check_world(mode: Mode, size: int) -> None:
+    if mode.one_rank and size > 1:
+        raise ConfigError(
+            f"config key 'run.mode': '{mode.name}' runs on one rank, got {size} ranks; start it without "
+            f"mpirun: python -m splitlora_mpi --set run.mode={mode.name}"
+        )
+    if not mode.one_rank and size < 2:
+        raise ConfigError(
+            f"config key 'run.mode': '{mode.name}' needs 1 server + at least 1 client rank, got 1 rank. "
+            "Launch with `mpirun -n 9 python -m splitlora_mpi` using the mpirun of the MPI that mpi4py loaded "
+            "(pip's mpich wheel puts it next to python); another launcher starts N separate 1-rank jobs"
+        )
+
+
+def _catch_stop_signals(rank: int) -> None:
+    """SIGTERM / SIGINT (pre-emption, Ctrl-C): stop after the current step with a checkpoint
+    (exit code 143); a second signal exits at once. mpirun forwards a signal to every rank;
+    rank 0 says what happens (os.write: print is not safe inside a signal handler)."""
+
+    def handler(signum: int, frame: Any) -> None:
+        if _STOP.is_set():
+            if rank == 0:
+                os.write(2, f"second signal ({signum}): exiting at once, without a checkpoint\n".encode())
+            os._exit(128 + signum)
+        _STOP.set()
+        if rank == 0:
+            os.write(
+                2,
+                f"signal {signum}: stopping after this step with a checkpoint; signal again to exit at once\n".encode(),
+            )
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+
+
+def _quiet_libraries() -> None:
+    """Hugging Face progress bars and notices on every rank drown the progress lines."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
