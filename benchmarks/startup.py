@@ -1,27 +1,23 @@
-"""Start-up: where a rank's seconds go before step 1, and how fast bad input fails.
-
-    python benchmarks/startup.py [--only startup fast_failure] [--out benchmarks/results/startup.json]
+"""Start-up: where a rank's seconds go before step 1, and how fast bad input fails (sections of
+`python benchmarks/systems.py --only startup fast_failure`).
 
 - startup: the default 9-rank run (`mpirun -n 9 python -m splitlora_mpi`); summary.json
   `startup_s` by rank (launch, preflight, import, build, handshake), median and max over ranks.
 - fast_failure: wall time of `mpirun -n 3 python -m splitlora_mpi ...` for every bad-input case
   of tests/test_failures.py (exit code, seconds, the error line); target <= 3 s each, except a
   failure only training shows (a diverging loss).
-Writes startup.json (sections not run are kept from the previous file).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from statistics import median
 
-from common import MPIRUN, machine
+from common import MPIRUN
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST_S = 3.0
@@ -72,28 +68,3 @@ def fast_failure(work: Path) -> dict:
     return {"ranks": 3, "target_s": FAST_S, "cases": cases,
             "max_s": max(c["s"] for c in checked),
             "all_within_target": all(c["s"] <= FAST_S and c["rc"] == 2 for c in checked)}  # fmt: skip
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", nargs="+", choices=("startup", "fast_failure"), default=("startup", "fast_failure"))
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "startup.json")
-    args = p.parse_args()
-    result = json.loads(args.out.read_text()) if args.out.exists() else {"benchmark": "startup"}
-    result["machine"] = machine()
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in args.only:
-            result[name] = {"startup": startup, "fast_failure": fast_failure}[name](Path(tmp))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    if "startup" in args.only:
-        for phase, v in result["startup"]["over_ranks"].items():
-            print(f"start-up {phase:>9}: median {v['median']:6.2f} s, max {v['max']:6.2f} s")
-    if "fast_failure" in args.only:
-        f = result["fast_failure"]
-        print(f"bad input: slowest {f['max_s']:.2f} s; all within {FAST_S:g} s: {f['all_within_target']}")
-    print(args.out)
-
-
-if __name__ == "__main__":
-    main()

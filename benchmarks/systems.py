@@ -7,6 +7,8 @@
 - throughput: cut activations of the default tiny model (131 kB), GPT-2 small (1.5 MB) and a
   2048-wide Llama (4.2 MB) through the MPI Transport vs raw blocking mpi4py Send/Recv of the
   same bytes: one-way MB/s and round-trip latency, best of 5 alternating (target >= 0.9).
+- startup, fast_failure: benchmarks/startup.py (per-rank start-up of the default 9-rank run;
+  every bad-input case of the failures table under mpirun -n 3, target <= 3 s).
 - scaling: splitlora with 1, 2, 4, 8 clients and sl with 8 clients, the same rows in all;
   training time and speed-up over sl (target: 8-client splitlora >= 3x sl).
 - overlap: the scaling setup with 4 and 8 clients and comm.micro_batches 1, 2, 4.
@@ -31,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from common import MPIRUN, machine
+from startup import fast_failure, startup
 
 ROOT = Path(__file__).resolve().parents[1]
 WIDE = "{model_type: gpt2, n_embd: 256, n_layer: 4, n_head: 4, n_positions: 128}"
@@ -108,7 +111,7 @@ def wire(repeats: int, shape: list[int], messages: int = 400) -> None:
     rank, peer = comm.Get_rank(), 1 - comm.Get_rank()
     t = MpiTransport(60.0, Metrics(rank))
     x = torch.randn(*shape)
-    buf, got = x.numpy(), np.empty_like(x.numpy())  # (raw sends the same memory: torch's allocator is slower to send from)
+    buf, got = x.numpy(), np.empty_like(x.numpy())  # (the same memory: torch's is slower to send from)
 
     def raw_one_way(i: int) -> None:
         if rank == 1:
@@ -233,6 +236,15 @@ def markdown(result: dict) -> str:
             us = f"{r['protocol_round_trip_us']:,.0f} vs {r['raw_round_trip_us']:,.0f} µs"
             rows.append((f"wire / raw mpi4py, round trip, {label}", f"{r['round_trip_ratio']:.3f} ({us})",
                          "≥ 0.9" if gate else "", r["round_trip_ratio"] >= 0.9 if gate else ""))  # fmt: skip
+    if "startup" in result:
+        r = result["startup"]["over_ranks"]
+        phases = ", ".join(f"{p} {v['median']:.2f}" for p, v in r.items() if p != "total")
+        rows.append((f"start-up of the default 9-rank run, median s over ranks ({phases})",
+                     f"{r['total']['median']:.1f} s", "", ""))  # fmt: skip
+    if "fast_failure" in result:
+        r = result["fast_failure"]
+        rows.append((f"bad input under mpirun -n 3: slowest of {len(r['cases']) - 1} start-up cases, exit 2",
+                     f"{r['max_s']:.2f} s", "≤ 3 s", r["all_within_target"]))  # fmt: skip
     if "scaling" in result:
         sc = result["scaling"]
         for name, r in sc["runs"].items():
@@ -255,10 +267,12 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_wire":
         return wire(int(sys.argv[2]), [int(x) for x in sys.argv[3:]])
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", nargs="+", default=["overhead", "throughput", "scaling", "overlap", "memory"])
+    p.add_argument("--only", nargs="+", default=["overhead", "throughput", "startup", "fast_failure", "scaling",
+                                                 "overlap", "memory"])  # fmt: skip
     p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args()
-    benches = {"overhead": overhead, "throughput": throughput, "scaling": scaling, "overlap": overlap, "memory": memory}
+    benches = {"overhead": overhead, "throughput": throughput, "startup": startup, "fast_failure": fast_failure,
+               "scaling": scaling, "overlap": overlap, "memory": memory}  # fmt: skip
     previous = args.out_dir / "systems.json"  # --only updates those sections, keeps the others
     result: dict = json.loads(previous.read_text()) if previous.exists() else {}
     result.update({
