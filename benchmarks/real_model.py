@@ -36,6 +36,10 @@ from splitlora_mpi.scores import java_available, score_corpora
 ROOT = Path(__file__).resolve().parents[1]
 E2E = ROOT.parent / "shared" / "data" / "e2e"
 MODES = ("central", "splitlora", "sl", "fedlora")
+# scheme -> (run.mode, its settings); the official SplitLoRA code's schedule as an option of splitlora
+SCHEMES = {m: (m, {}) for m in MODES} | {
+    "splitlora-official": ("splitlora", {"split.server_update": "sequential", "train.fedavg_weights": "uniform"})
+}
 RUN_TIMEOUT_S = 3 * 3600
 SCORES = {"bleu": "BLEU", "nist": "NIST", "meteor": "METEOR", "rouge_l": "ROUGE_L", "cider": "CIDEr"}
 
@@ -50,7 +54,10 @@ def held_out(work: Path, val_mrs: int, eval_mrs: int) -> tuple[Path, list[str], 
     return val, mrs[:eval_mrs], refs[:eval_mrs]
 
 
-def command(mode: str, args: argparse.Namespace, model: Path, val: Path, out: Path, lr: float, steps: int) -> list[str]:
+def command(
+    scheme: str, args: argparse.Namespace, model: Path, val: Path, out: Path, lr: float, steps: int
+) -> list[str]:
+    mode, settings = SCHEMES[scheme]
     steps, batch, per_eval = equal_tokens(mode, args.clients, steps, args.batch_size, args.eval_every)
     sets = {
         "run.mode": mode, "run.out_dir": out, "run.seed": args.seed,
@@ -59,6 +66,7 @@ def command(mode: str, args: argparse.Namespace, model: Path, val: Path, out: Pa
         "data.train_path": E2E / "valid.txt", "data.val_path": val, "data.max_seq_len": args.seq_len,
         "train.steps": steps, "train.batch_size": batch, "train.lr": lr, "train.warmup_steps": max(1, steps // 10),
         "train.aggregate_every": args.aggregate_every, "train.eval_every": per_eval, "train.log_every": per_eval,
+        **settings,
     }  # fmt: skip
     return launch(mode, args.clients, sets)
 
@@ -91,7 +99,7 @@ def main() -> None:
     p.add_argument("--eval-mrs", type=int, default=400, help="test MRs (all references) for the scores")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--modes", default=",".join(MODES), help="schemes to train, in this order")
+    p.add_argument("--modes", default=",".join(MODES), help=f"schemes to train, in this order: {', '.join(SCHEMES)}")
     p.add_argument("--tag", default="", help="output names real_model_TAG.*")
     p.add_argument("--work", type=Path, help="keep the whole runs (adapters too) here; default: a temp dir")
     p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
@@ -159,7 +167,7 @@ def report(
         parts = s["model_parts"]
         client = parts.get("1", parts["0"])  # central: the one rank holds everything
         rows.append({
-            "scheme": mode, "name": paper_name(mode),
+            "scheme": mode, "name": paper_name(SCHEMES[mode][0]) + (" (official schedule)" if SCHEMES[mode][1] else ""),
             **{k: scores[mode][m] for k, m in SCORES.items()},
             "val_loss": s["final_val_loss"], "val_ppl": math.exp(s["final_val_loss"]),
             "wall_s": s["wall_s"], "time_to_target_s": hit["wall_s"] if hit else None,

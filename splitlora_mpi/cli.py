@@ -14,7 +14,7 @@ import time
 import traceback
 
 from .config import load_config
-from .errors import ConfigError, JobFailed, Stopped
+from .errors import ConfigError, Diverged, JobFailed, Stopped
 
 LAUNCH = """how to launch:
   mpirun -n N+1 python -m splitlora_mpi [options]   rank 0 is the server, ranks 1..N the clients
@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
+        if isinstance(e, Diverged) and e.others_running:
+            _abort_world(2)
         return 2
     except Stopped as e:
         if rank == 0:
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _abort_world() -> None:
+def _abort_world(code: int = 1) -> None:
     if "mpi4py.MPI" in sys.modules:
         from .wire.mpi import abort, world_size
 
@@ -104,4 +106,4 @@ def _abort_world() -> None:
             sys.stdout.flush()
             sys.stderr.flush()
             time.sleep(ABORT_GRACE_S)  # the launcher forwards this rank's report before the abort cuts its pipes
-            abort(1)
+            abort(code)

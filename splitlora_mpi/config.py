@@ -82,6 +82,11 @@ class SplitConfig:
         False, "U-shaped split: each client also holds the final norm and LM head; labels and logits never leave it"
     )
     tail_layers: int = _f(0, "with label_private: the last blocks, also held by each client", min=0)
+    server_update: Literal["joint", "sequential"] = _f(
+        "joint",
+        "joint: one server step per step on every client's batch at once; sequential (the official SplitLoRA "
+        "code): one server step per client's batch, in rank order",
+    )
 
     def cuts(self) -> list[int]:
         """The cut point of every client (one value: the same for all)."""
@@ -139,6 +144,9 @@ class TrainConfig:
     label_smoothing: float = _f(0.1, "label smoothing of the training loss", min=0, lt=1)
     grad_clip: float = _f(1.0, "max gradient norm per model part (0 = no clipping)", min=0)
     aggregate_every: int = _f(10, "steps between FedAvg rounds of the client adapters", min=1)
+    fedavg_weights: Literal["tokens", "uniform"] = _f(
+        "tokens", "FedAvg weights: tokens each client trained on since the last average; uniform: the plain mean"
+    )
     eval_every: int = _f(50, "steps between validation passes (0 = only at the end)", min=0)
     log_every: int = _f(10, "steps between progress lines and metrics.jsonl rows", min=1)
 

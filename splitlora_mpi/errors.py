@@ -26,10 +26,13 @@ class Stopped(Exception):
 
 
 class Diverged(ConfigError):
-    """The training loss is not finite: stop every rank (exit 2) before anything is updated."""
+    """The training loss is not finite: stop every rank (exit 2) before anything is updated.
+    `others_running`: some ranks already went on to the next step (a sequential server had
+    answered them); rank 0 then ends the job with an abort (exit 2) instead of waiting for them."""
 
     def __init__(self, step: int, loss: float):
         super().__init__(
             f"training diverged: the loss is {loss} at step {step}; expected a finite loss "
             "(lower train.lr, or check the data and model.dtype)"
         )
+        self.others_running = False

@@ -40,12 +40,15 @@ def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: flo
 class PartTrainer:
     """AdamW + linear warm-up/decay + gradient clipping over one part's LoRA parameters."""
 
-    def __init__(self, part: SplitPart, cfg: TrainConfig):
+    def __init__(self, part: SplitPart, cfg: TrainConfig, updates_per_step: int = 1):
+        """`updates_per_step`: optimizer steps per training step (the sequential server: one per
+        client); the schedule keeps its shape over train.steps."""
         self.part = part
         self.params = part.trainable_parameters()
         self.grad_clip = cfg.grad_clip
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.schedule = get_linear_schedule_with_warmup(self.optimizer, cfg.warmup_steps, cfg.steps)
+        k = updates_per_step
+        self.schedule = get_linear_schedule_with_warmup(self.optimizer, cfg.warmup_steps * k, cfg.steps * k)
 
     @property
     def lr(self) -> float:

@@ -81,17 +81,17 @@ def _assert_same_run(a: Path, b: Path) -> None:
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory) -> Callable[[str], Path]:
-    """mode -> the uninterrupted run of that mode (run once, on first use)."""
+    """`key=value` (the run's mode or option) -> the uninterrupted run (run once, on first use)."""
     runs: dict[str, Path] = {}
 
-    def get(mode: str) -> Path:
-        if mode not in runs:
-            tmp = tmp_path_factory.mktemp(f"straight-{mode}")
-            r = run_cmd(splitlora(*FAST, "--set", "run.out_dir=straight", "--set", f"run.mode={mode}", ranks=RANKS),
+    def get(setting: str) -> Path:
+        if setting not in runs:
+            tmp = tmp_path_factory.mktemp("straight")
+            r = run_cmd(splitlora(*FAST, "--set", "run.out_dir=straight", "--set", setting, ranks=RANKS),
                         cwd=tmp, timeout=300)  # fmt: skip
             assert r.returncode == 0, r.stderr[-2000:]
-            runs[mode] = tmp / "straight"
-        return runs[mode]
+            runs[setting] = tmp / "straight"
+        return runs[setting]
 
     return get
 
@@ -109,9 +109,11 @@ def _wait_for_step(proc: subprocess.Popen, metrics: Path, step: int) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("mode", ["splitlora", "sl", "fedlora"])
-def test_sigterm_stops_with_a_checkpoint_and_the_resume_is_bit_exact(tmp_path, straight, mode):
-    proc = _start(tmp_path, "run", "--set", f"run.mode={mode}")
+@pytest.mark.parametrize(
+    "setting", ["run.mode=splitlora", "run.mode=sl", "run.mode=fedlora", "split.server_update=sequential"]
+)
+def test_sigterm_stops_with_a_checkpoint_and_the_resume_is_bit_exact(tmp_path, straight, setting):
+    proc = _start(tmp_path, "run", "--set", setting)
     _wait_for_step(proc, tmp_path / "run" / "metrics.jsonl", 23)
     proc.send_signal(signal.SIGTERM)  # mpirun forwards it to every rank
     out, err = proc.communicate(timeout=120)
@@ -120,10 +122,10 @@ def test_sigterm_stops_with_a_checkpoint_and_the_resume_is_bit_exact(tmp_path, s
     assert len(stopped) == 1 and "run the same command again to resume" in stopped[0]
     step = int(stopped[0].split("after step ")[1].split(";")[0])
     assert 23 <= step < STEPS and checkpoint.step_dir(tmp_path / "run", step).is_dir()
-    r = run_cmd(splitlora(*FAST, "--set", "run.out_dir=run", "--set", f"run.mode={mode}", ranks=RANKS), cwd=tmp_path,
+    r = run_cmd(splitlora(*FAST, "--set", "run.out_dir=run", "--set", setting, ranks=RANKS), cwd=tmp_path,
                 timeout=300)  # fmt: skip
     assert r.returncode == 0 and f"resuming from run/checkpoints/step-{step:08d}" in r.stdout, r.stderr[-2000:]
-    _assert_same_run(straight(mode), tmp_path / "run")
+    _assert_same_run(straight(setting), tmp_path / "run")
 
 
 def test_a_killed_job_resumes_from_its_last_checkpoint_bit_exact(tmp_path, straight):
@@ -141,7 +143,7 @@ def test_a_killed_job_resumes_from_its_last_checkpoint_bit_exact(tmp_path, strai
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"warning: skipping checkpoint run/checkpoints/{newest.name}" in r.stderr
     assert "resuming from run/checkpoints/step-" in r.stdout
-    _assert_same_run(straight("splitlora"), tmp_path / "run")
+    _assert_same_run(straight("run.mode=splitlora"), tmp_path / "run")
 
 
 def test_central_stops_on_sigterm_and_resumes_bit_exact(tmp_path):

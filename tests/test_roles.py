@@ -63,9 +63,12 @@ def test_one_client_equals_central(tmp_path, central, mode):
     assert_same_training(_run(tmp_path, mode, 1), central)
 
 
-@pytest.mark.parametrize("option", [["split.label_private=true"], ["comm.micro_batches=2"]])
+@pytest.mark.parametrize(
+    "option", [["split.label_private=true"], ["comm.micro_batches=2"], ["split.server_update=sequential"]]
+)
 def test_options_with_one_client_equal_central(tmp_path, central, option):
-    """Where the loss is computed and how a step is cut into micro-batches change no number."""
+    """Where the loss is computed, how a step is cut into micro-batches and whether the server
+    steps per client change no number."""
     assert_same_training(_run(tmp_path, "splitlora", 1, *option), central)
 
 

@@ -133,6 +133,15 @@ def refuse_per_client_cuts(cfg: JobConfig) -> None:
         )
 
 
+def refuse_option(cfg: JobConfig, key: str, value: str, why: str) -> None:
+    """Refuse `key: value` (a dotted config key), saying why and what to use instead."""
+    from ..errors import ConfigError
+
+    section, name = key.split(".")
+    if getattr(getattr(cfg, section), name) == value:
+        raise ConfigError(f"config key '{key}': {value} {why}")
+
+
 def refuse_cut_options(cfg: JobConfig) -> None:
     """The rules of a mode that sends no activations (every rank holds the whole model)."""
     from ..errors import ConfigError
@@ -154,3 +163,6 @@ def refuse_cut_options(cfg: JobConfig) -> None:
             "config key 'comm.micro_batches': micro-batches pipeline the plain split; expected 1 with "
             f"split.label_private or run.mode {mode}"
         )
+    refuse_option(cfg, "split.server_update", "sequential",
+                  f"steps the server once per client's activations, which run.mode {mode} does not send; "
+                  "expected joint or run.mode splitlora")  # fmt: skip

@@ -6,7 +6,7 @@ from typing import Any
 
 from ..config import CLIENT, JobConfig
 from ..errors import ConfigError
-from .base import Lead, Mode, Setup, refuse_cut_options
+from .base import Lead, Mode, Setup, refuse_cut_options, refuse_option
 
 
 class Central(Mode):
@@ -17,6 +17,8 @@ class Central(Mode):
 
     def check_config(self, cfg: JobConfig) -> None:
         refuse_cut_options(cfg)
+        refuse_option(cfg, "train.fedavg_weights", "uniform",
+                      "weights a FedAvg, which central does not run; expected tokens")  # fmt: skip
         if CLIENT in (cfg.data.train_path or "") and cfg.data.clients < 1:
             raise ConfigError(
                 "config key 'data.clients': run.mode central with {client} paths trains on the union of the "

@@ -204,8 +204,9 @@ class Client:
         return reply.flag
 
     def average(self) -> None:
-        """Token-weighted FedAvg of the client adapters (one Allreduce)."""
-        self.part.load_adapter_state(self.fedavg(self.part.adapter_state(), float(self.tokens_since_average)))
+        """FedAvg of the client adapters (one Allreduce), weighted by train.fedavg_weights."""
+        weight = float(self.tokens_since_average) if self.cfg.train.fedavg_weights == "tokens" else 1.0
+        self.part.load_adapter_state(self.fedavg(self.part.adapter_state(), weight))
         self.tokens_since_average = 0
 
     @torch.no_grad()

@@ -111,7 +111,7 @@ class FedClient:
                 records += [loss * targets, float(targets), float(tokens)]
                 self.transport.metrics.step(step, time.perf_counter() - start_time, tokens, loss)
             state = self.local.adapter_state()
-            w = float(self.tokens_since_average)
+            w = float(self.tokens_since_average) if self.cfg.train.fedavg_weights == "tokens" else 1.0
             buf = np.concatenate([aggregate.flatten(state) * w, [w, float(stop_requested())], records])
             result = _Round(self.transport.allreduce_sum(buf, world=True), buf.size - 2 - len(records), steps)
             result.check_finite()

@@ -107,7 +107,8 @@ class Server:
         self.cfg = cfg
         self.part = part
         self.parts = [part]
-        self.trainer = PartTrainer(part, cfg.train)
+        sequential = cfg.split.server_update == "sequential"
+        self.trainer = PartTrainer(part, cfg.train, updates_per_step=len(clients) if sequential else 1)
         self.channel = channel
         self.metrics = channel.transport.metrics
         self.clients = sorted(clients)
@@ -116,7 +117,8 @@ class Server:
         self.micro_batches = cfg.comm.micro_batches
         self.loss = ClientTailLoss(self.trainer, channel) if cfg.split.label_private else ServerLoss(
             self.trainer, cfg.train.label_smoothing)  # fmt: skip
-        self.exchange = self._micro_batches if self.micro_batches > 1 else self._whole_batch
+        self.exchange = (self._one_by_one if sequential else
+                         self._micro_batches if self.micro_batches > 1 else self._whole_batch)  # fmt: skip
         self.client_adapters: dict[int, dict[str, list[int]]] | None = None
         self.client_adapter_numel = 0
         self.tokens_since_average = dict.fromkeys(self.clients, 0)
@@ -163,7 +165,7 @@ class Server:
         self.metrics.step(step, time.perf_counter() - start, tokens, loss)
         return loss, tokens, stopping
 
-    # ------------------------------------------------------------ the two schedules of a step
+    # ------------------------------------------------------------ the three schedules of a step
 
     def _whole_batch(self, step: int, active: list[int], stopping: bool) -> tuple[float, dict, bool]:
         """Every client's whole batch at once; the loss where `self.loss` computes it."""
@@ -206,6 +208,30 @@ class Server:
         self.trainer.step()
         self.reply(step, {r: x.grad for r, x in h.items()}, STOP if stopping else CONTINUE)
         return loss, {r: u.body.side[0] for r, u in labels.items()}, stopping
+
+    def _one_by_one(self, step: int, active: list[int], stopping: bool) -> tuple[float, dict, bool]:
+        """split.server_update sequential (the official SplitLoRA code's schedule): each client's
+        batch alone, in rank order (deterministic: resume stays bit-exact): forward, loss,
+        backward, a server step, and that client's gradient sent at once, so it updates while the
+        server works on the next. The step's loss: the clients' losses weighted by target tokens."""
+        uploads = self.channel.recv(active, TRAIN, Upload)
+        stopping = stopping or any(u.flag == STOP for u in uploads.values())
+        loss_sum, targets, waits = 0.0, 0, []
+        order = sorted(active)
+        for i, r in enumerate(order):
+            out, h = self.forward({r: uploads[r]}, step, requires_grad=True)
+            try:
+                loss = self.loss.train(step, out, uploads, h)
+            except Diverged as e:  # the clients not answered yet stop before they update; rank 0 aborts the others
+                self.reply(step, dict.fromkeys(order[i:], torch.zeros(1)), DIVERGED)
+                e.others_running = i > 0
+                raise
+            waits.append(self.reply(step, {r: h[r].grad}, STOP if stopping else CONTINUE, wait=False))
+            n = int((uploads[r].body.labels[:, 1:] != IGNORE).sum())
+            loss_sum, targets = loss_sum + loss * n, targets + n
+        for wait in waits:
+            wait()
+        return loss_sum / targets, {r: u.body.mask for r, u in uploads.items()}, stopping
 
     # ------------------------------------------------------------ pieces
 

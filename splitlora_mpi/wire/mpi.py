@@ -9,8 +9,9 @@ faults per message). Measured in benchmarks/systems.py: putting the header in th
 payload's message costs a copy (0.4-0.6 of raw mpi4py) or a struct datatype MPI packs
 (0.7); two messages run at 0.96-0.99.
 
-Every wait spins for half a millisecond (a reply already on its way costs no sleep), then
-naps up to 0.5 ms (an idle rank does not burn its core), until the deadline. Blocking MPI
+Every wait spins for a millisecond, yielding the core to any process that wants it (a reply
+already on its way costs no sleep), then naps of 1/8 of the time waited, up to 0.5 ms (an idle
+rank does not burn its core), until the deadline. Blocking MPI
 waits spin forever and never time out. Control objects (handshake, statistics, export) are
 pickled: they are off the hot path. Importing this module needs no torch: a rank checks its
 input and stops within seconds before it loads the heavy libraries.
@@ -19,6 +20,7 @@ input and stops within seconds before it loads the heavy libraries.
 from __future__ import annotations
 
 import functools
+import os
 import pickle
 import struct
 import sys
@@ -46,8 +48,8 @@ DTYPES = ["float32", "bfloat16", "float16", "int32", "int64", "int8", "float64"]
 _NUMPY = [np.float32, np.int16, np.float16, np.int32, np.int64, np.int8, np.float64]
 _BFLOAT16 = DTYPES.index("bfloat16")
 _HEADER, _PAYLOAD = 0, 1
-SPIN_S = 5e-4
-NAPS_S = (2e-5, 5e-4)  # first and longest nap
+SPIN_S = 1e-3  # polling without sleeping, yielding the core to any other process that wants it
+NAP_FRACTION, NAP_MAX_S = 1 / 8, 5e-4  # then naps of 1/8 of the time waited so far, at most 0.5 ms
 
 
 def world_size() -> int:
@@ -119,21 +121,20 @@ class MpiTransport:
     def _poll(
         self, done: Callable[[], bool], op: str, pending: Callable[[], list[int]], what: str, timeout_s: float = 0
     ) -> None:
-        """Call `done()` until it is true: spinning for SPIN_S, then napping, up to comm.timeout_s
-        (or `timeout_s` for a wait known to span several steps)."""
+        """Call `done()` until it is true: spinning for SPIN_S, then napping (a nap adds at most
+        1/8 to a wait), up to comm.timeout_s (or `timeout_s` for a wait known to span several steps)."""
         start = time.perf_counter()
         if not done():
             deadline = start + (timeout_s or self.timeout_s)
-            spin_until, nap = start + SPIN_S, NAPS_S[0]
             while not done():
-                now = time.perf_counter()
-                if now < spin_until:
+                waited = time.perf_counter() - start
+                if waited < SPIN_S:
+                    os.sched_yield()
                     continue
-                if now > deadline:
+                if start + waited > deadline:
                     raise CommTimeout(timeout_message(self.rank, pending(), timeout_s or self.timeout_s,
                                                       self.timeout_s, what))  # fmt: skip
-                time.sleep(nap)
-                nap = min(2 * nap, NAPS_S[1])
+                time.sleep(min(waited * NAP_FRACTION, NAP_MAX_S))
         if self.metrics.timing:
             self.metrics.comm(op, time.perf_counter() - start)
 
@@ -157,12 +158,11 @@ class MpiTransport:
         keep: list[Any] = []  # what the payloads point into must outlive the requests
         for dest, tensors in messages.items():
             for i, (tensor, kind) in enumerate(tensors):
-                header = _header(step, tensor, flag)
                 payload, owner = self._payload(("send", phase, dest, i), tensor)
                 keep.append(owner)
                 tag = phase + 2 * i
-                requests.append(self.comm.Isend([header, MPI.BYTE], dest, tag + _HEADER))
-                requests.append(self.comm.Isend([payload, MPI.BYTE], dest, tag + _PAYLOAD))
+                requests.append(self.comm.Isend(payload, dest, tag + _PAYLOAD))
+                requests.append(self.comm.Isend(_header(step, tensor, flag), dest, tag + _HEADER))
                 peers += [dest, dest]
                 self.metrics.sent(dest, "control", HEADER_BYTES)
                 self.metrics.sent(dest, kind, tensor.nbytes)
@@ -178,10 +178,8 @@ class MpiTransport:
         the tensor's own memory on CPU, a pooled pinned buffer it is copied into from a GPU."""
         nbytes = tensor.nbytes
         if tensor.is_cuda:
-            import torch
-
             host = self.pool.take(key, nbytes)[:nbytes]
-            torch.from_numpy(host).copy_(tensor.detach().contiguous().view(-1).view(torch.uint8))
+            _torch().from_numpy(host).copy_(tensor.detach().contiguous().view(-1).view(_torch().uint8))
             return host, host
         t = tensor if tensor.is_contiguous() else tensor.contiguous()
         return (MPI.buffer.fromaddress(t.data_ptr(), nbytes) if nbytes else b""), t
@@ -217,11 +215,11 @@ class MpiTransport:
         self._poll(done, "recv", pending, f"receiving phase {phase}")
         out: dict[int, list[Message]] = {s: [] for s in sources}
         for j, (source, i) in enumerate(keys):
-            step, code, ndim, *dims, flag = HEADER.unpack_from(headers, j * HEADER_BYTES)
+            h = HEADER.unpack_from(headers, j * HEADER_BYTES)
             buf = payloads[j]
             self.metrics.received(source, "control", HEADER_BYTES)
             self.metrics.received(source, kinds[i], buf.nbytes)
-            out[source].append(Message(step, _tensor(buf, code, dims[:ndim]), flag))
+            out[source].append(Message(h[0], _tensor(buf, h[1], h[3 : 3 + h[2]]), h[7]))
         return out
 
     # ------------------------------------------------------------ control objects
@@ -287,10 +285,16 @@ class MpiTransport:
 
 
 @functools.cache
-def _dtype_codes() -> dict[Any, int]:
-    import torch  # (loaded by the first tensor message; not by importing this module)
+def _torch() -> Any:
+    """torch, loaded by the first tensor message (not by importing this module)."""
+    import torch
 
-    return {getattr(torch, name): code for code, name in enumerate(DTYPES)}
+    return torch
+
+
+@functools.cache
+def _dtype_codes() -> dict[Any, int]:
+    return {getattr(_torch(), name): code for code, name in enumerate(DTYPES)}
 
 
 def _header(step: int, tensor: torch.Tensor, flag: int) -> bytes:
@@ -301,10 +305,8 @@ def _header(step: int, tensor: torch.Tensor, flag: int) -> bytes:
     return HEADER.pack(step, _dtype_codes()[tensor.dtype], ndim, *tensor.shape, *_NO_DIMS[ndim:], flag)
 
 
-def _tensor(buf: np.ndarray, code: int, shape: list[int]) -> torch.Tensor:
+def _tensor(buf: np.ndarray, code: int, shape: tuple[int, ...]) -> torch.Tensor:
     """A host tensor over the received bytes (no copy; it keeps the pooled buffer busy while
     alive); callers move it to their device."""
-    import torch
-
-    t = torch.from_numpy(np.ndarray(shape, _NUMPY[code], buf))
-    return t.view(torch.bfloat16) if code == _BFLOAT16 else t
+    t = _torch().from_numpy(np.ndarray(shape, _NUMPY[code], buf))
+    return t.view(_torch().bfloat16) if code == _BFLOAT16 else t
