@@ -179,13 +179,13 @@ def paper_name(mode: str) -> str:
 
 
 def run_labels(runs: list[Run]) -> list[str]:
-    """Paper names; the run name is added only where two runs share a mode, the directory where
-    even that is ambiguous."""
+    """Paper names; the run name is added only where two runs share a mode, the directory's name
+    where even that is ambiguous, its path where the names are too."""
     labels = [paper_name(r.mode) for r in runs]
-    shared = Counter(labels)
-    labels = [f"{lab} ({r.name})" if shared[lab] > 1 else lab for lab, r in zip(labels, runs)]
-    twice = Counter(labels)
-    return [f"{paper_name(r.mode)} ({r.path})" if twice[lab] > 1 else lab for lab, r in zip(labels, runs)]
+    for detail in (lambda r: r.name, lambda r: r.path.name, lambda r: r.path):
+        shared = Counter(labels)
+        labels = [f"{paper_name(r.mode)} ({detail(r)})" if shared[lab] > 1 else lab for lab, r in zip(labels, runs)]
+    return labels
 
 
 def _styles(runs: list[Run]) -> list[dict[str, Any]]:

@@ -311,3 +311,11 @@ def test_cli_bad_input_one_line_exit_2(tmp_path: Path, args: list[str], named: s
     assert res.stderr.startswith("error: ") and named in res.stderr
     assert res.stdout == ""
     assert not (tmp_path / "convergence.png").exists()
+
+
+def test_labels_tell_runs_of_one_mode_apart_by_name_then_directory(tmp_path):
+    from splitlora_mpi.plot import Run, run_labels
+
+    runs = [Run(tmp_path / "a" / "x", "run", "splitlora", []), Run(tmp_path / "b" / "y", "run", "splitlora", []),
+            Run(tmp_path / "c", "other", "splitlora", []), Run(tmp_path / "d", "run", "central", [])]  # fmt: skip
+    assert run_labels(runs) == ["SplitLoRA (x)", "SplitLoRA (y)", "SplitLoRA (other)", "CenLoRA"]

@@ -5,16 +5,16 @@ enough to go eagerly into a receive posted before it arrives, and its bytes stra
 the tensor's memory (no copy on CPU). The receiver matches each payload with a matched
 probe (`Improbe`), so it sizes the buffer without waiting for the header, and receives into
 a pooled buffer that is reused once no tensor built on it is alive (no allocation, no page
-faults per message). Measured in benchmarks/systems.py: putting the header in the
-payload's message costs a copy (0.4-0.6 of raw mpi4py) or a struct datatype MPI packs
-(0.7); two messages run at 0.96-0.99.
+faults per message). Measured (README, Benchmarks): the header in the payload's message
+costs a copy (0.4-0.6 of raw mpi4py throughput) or a struct datatype MPICH packs (0.7-0.76);
+the second message costs 1-4 % at the MPI level.
 
 Every wait spins for a millisecond, yielding the core to any process that wants it (a reply
-already on its way costs no sleep), then naps of 1/8 of the time waited, up to 0.5 ms (an idle
-rank does not burn its core), until the deadline. Blocking MPI
-waits spin forever and never time out. Control objects (handshake, statistics, export) are
-pickled: they are off the hot path. Importing this module needs no torch: a rank checks its
-input and stops within seconds before it loads the heavy libraries.
+already on its way costs no sleep), then naps of 1/8 of the time waited, up to 0.5 ms (an
+idle rank does not burn its core), until the deadline: blocking MPI waits spin forever and
+never time out. Control objects (handshake, statistics, export) are pickled: they are off
+the hot path. Importing this module needs no torch: a rank checks its input and stops
+within a second, before it loads the heavy libraries.
 """
 
 from __future__ import annotations
@@ -101,9 +101,7 @@ class BufferPool:
 class MpiTransport:
     """`Transport` over MPI.COMM_WORLD; FedAvg over a clients-only communicator."""
 
-    def __init__(self, timeout_s: float, metrics: Metrics, pinned: bool = False):
-        """`pinned`: tensors live on a GPU and MPI is not CUDA-aware, so they are staged
-        through pinned host buffers both ways."""
+    def __init__(self, timeout_s: float, metrics: Metrics):
         self.comm = MPI.COMM_WORLD
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
@@ -113,7 +111,7 @@ class MpiTransport:
         self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
         node.Free()
         self._clients: MPI.Comm | None = None
-        self.pool = BufferPool(pinned)
+        self.pool = BufferPool()  # pinned once torch is loaded and sees a GPU (launch.py)
         self._status = MPI.Status()
 
     # ------------------------------------------------------------ waiting
