@@ -252,8 +252,7 @@ class Batch:
 
     @property
     def target_tokens(self) -> int:
-        """Positions >= 1 with a label: what the shifted loss averages over."""
-        return int((self.labels[:, 1:] != IGNORE).sum())
+        return target_count(self.labels)
 
     def to(self, device: torch.device) -> Batch:
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
@@ -262,6 +261,11 @@ class Batch:
         """Micro-batches of consecutive rows (torch.chunk sizes: the server cuts its copy of the
         labels the same way)."""
         return [Batch(*t) for t in zip(*(x.chunk(parts) for x in (self.input_ids, self.attention_mask, self.labels)))]
+
+
+def target_count(labels: torch.Tensor) -> int:
+    """Positions >= 1 with a label: what the shifted loss averages over."""
+    return int((labels[:, 1:] != IGNORE).sum())
 
 
 def make_batch(data: EncodedData, indices: list[int]) -> Batch:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from transformers import get_linear_schedule_with_warmup
 
 from .config import TrainConfig
-from .data import EncodedData, make_batch
+from .data import EncodedData, make_batch, target_count
 from .errors import Diverged, Stopped
 from .model import SplitPart
 
@@ -24,7 +24,7 @@ def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: flo
     """Summed next-token loss over target tokens and their count (caller averages, so
     losses from several batches or clients combine exactly)."""
     targets = labels[:, 1:].reshape(-1)
-    n = int((targets != -100).sum())
+    n = target_count(labels)
     if n == 0:
         raise ValueError("batch has no target tokens")  # never average over zero tokens
     loss = F.cross_entropy(

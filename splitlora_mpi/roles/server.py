@@ -17,7 +17,7 @@ import torch
 
 from .. import aggregate
 from ..config import JobConfig
-from ..data import IGNORE
+from ..data import target_count
 from ..errors import Diverged
 from ..model import SplitPart
 from ..training import (
@@ -186,7 +186,7 @@ class Server:
         clients; one optimizer step at the end. The last reply carries the flag."""
         labels = self.channel.recv(active, TRAIN, Labels)
         stopping = stopping or any(u.flag == STOP for u in labels.values())
-        total = sum(int((u.body.side[1][:, 1:] != IGNORE).sum()) for u in labels.values())
+        total = sum(target_count(u.body.side[1]) for u in labels.values())
         chunks = {r: u.body.side.chunk(self.micro_batches, dim=1) for r, u in labels.items()}
         loss_sum, waits = 0.0, []
         for i in range(self.micro_batches):
@@ -227,7 +227,7 @@ class Server:
                 e.others_running = i > 0
                 raise
             waits.append(self.reply(step, {r: h[r].grad}, STOP if stopping else CONTINUE, wait=False))
-            n = int((uploads[r].body.labels[:, 1:] != IGNORE).sum())
+            n = target_count(uploads[r].body.labels)
             loss_sum, targets = loss_sum + loss * n, targets + n
         for wait in waits:
             wait()
