@@ -10,37 +10,47 @@
 #include <Python.h>
 #include <mpi.h>
 
+/* The two messages out and in, as the Transport sends them (called without the GIL). */
+static void send_pair(MPI_Comm comm, int dest, int tag, void *header, int header_len, void *payload, int nbytes) {
+    MPI_Request requests[2];
+    int done = 0;
+    MPI_Isend(payload, nbytes, MPI_BYTE, dest, tag + 1, comm, &requests[0]);
+    MPI_Isend(header, header_len, MPI_BYTE, dest, tag, comm, &requests[1]);
+    while (!done) MPI_Testall(2, requests, &done, MPI_STATUSES_IGNORE);
+}
+
+static int recv_pair(MPI_Comm comm, int source, int tag, void *header, int header_len, void *payload) {
+    MPI_Request requests[2];
+    MPI_Message message;
+    MPI_Status status;
+    int matched = 0, done = 0, count = 0;
+    MPI_Irecv(header, header_len, MPI_BYTE, source, tag, comm, &requests[0]);
+    while (!matched) MPI_Improbe(source, tag + 1, comm, &matched, &message, &status);
+    MPI_Get_count(&status, MPI_BYTE, &count);
+    MPI_Imrecv(payload, count, MPI_BYTE, &message, &requests[1]);
+    while (!done) MPI_Testall(2, requests, &done, MPI_STATUSES_IGNORE);
+    return count;
+}
+
 static PyObject *send(PyObject *self, PyObject *args) {
-    int comm_f, dest, tag, done = 0;
+    int comm_f, dest, tag;
     Py_buffer header;
     unsigned long long address;
     Py_ssize_t nbytes;
     if (!PyArg_ParseTuple(args, "iiiy*Kn", &comm_f, &dest, &tag, &header, &address, &nbytes)) return NULL;
-    MPI_Comm comm = MPI_Comm_f2c(comm_f);
-    MPI_Request requests[2];
     Py_BEGIN_ALLOW_THREADS
-    MPI_Isend((void *)address, (int)nbytes, MPI_BYTE, dest, tag + 1, comm, &requests[0]);
-    MPI_Isend(header.buf, (int)header.len, MPI_BYTE, dest, tag, comm, &requests[1]);
-    while (!done) MPI_Testall(2, requests, &done, MPI_STATUSES_IGNORE);
+    send_pair(MPI_Comm_f2c(comm_f), dest, tag, header.buf, (int)header.len, (void *)address, (int)nbytes);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&header);
     Py_RETURN_NONE;
 }
 
 static PyObject *recv(PyObject *self, PyObject *args) {
-    int comm_f, source, tag, matched = 0, done = 0, count = 0;
+    int comm_f, source, tag, count = 0;
     Py_buffer header, payload;
     if (!PyArg_ParseTuple(args, "iiiw*w*", &comm_f, &source, &tag, &header, &payload)) return NULL;
-    MPI_Comm comm = MPI_Comm_f2c(comm_f);
-    MPI_Request requests[2];
-    MPI_Message message;
-    MPI_Status status;
     Py_BEGIN_ALLOW_THREADS
-    MPI_Irecv(header.buf, (int)header.len, MPI_BYTE, source, tag, comm, &requests[0]);
-    while (!matched) MPI_Improbe(source, tag + 1, comm, &matched, &message, &status);
-    MPI_Get_count(&status, MPI_BYTE, &count);
-    MPI_Imrecv(payload.buf, count, MPI_BYTE, &message, &requests[1]);
-    while (!done) MPI_Testall(2, requests, &done, MPI_STATUSES_IGNORE);
+    count = recv_pair(MPI_Comm_f2c(comm_f), source, tag, header.buf, (int)header.len, payload.buf);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&header);
     PyBuffer_Release(&payload);
@@ -49,7 +59,7 @@ static PyObject *recv(PyObject *self, PyObject *args) {
 
 /* send_message(comm_f, dest, tag, (step, dtype, ndim, d0, d1, d2, d3, flag), address, nbytes, counts) */
 static PyObject *send_message(PyObject *self, PyObject *args) {
-    int comm_f, dest, tag, done = 0;
+    int comm_f, dest, tag;
     long long h[8];
     unsigned long long address;
     Py_ssize_t nbytes;
@@ -57,12 +67,8 @@ static PyObject *send_message(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "iii(LLLLLLLL)Knw*", &comm_f, &dest, &tag, &h[0], &h[1], &h[2], &h[3], &h[4],
                           &h[5], &h[6], &h[7], &address, &nbytes, &counts))
         return NULL;
-    MPI_Comm comm = MPI_Comm_f2c(comm_f);
-    MPI_Request requests[2];
     Py_BEGIN_ALLOW_THREADS
-    MPI_Isend((void *)address, (int)nbytes, MPI_BYTE, dest, tag + 1, comm, &requests[0]);
-    MPI_Isend(h, sizeof h, MPI_BYTE, dest, tag, comm, &requests[1]);
-    while (!done) MPI_Testall(2, requests, &done, MPI_STATUSES_IGNORE);
+    send_pair(MPI_Comm_f2c(comm_f), dest, tag, h, sizeof h, (void *)address, (int)nbytes);
     Py_END_ALLOW_THREADS
     ((long long *)counts.buf)[0] += sizeof h;
     ((long long *)counts.buf)[1] += nbytes;
@@ -72,20 +78,12 @@ static PyObject *send_message(PyObject *self, PyObject *args) {
 
 /* recv_message(comm_f, source, tag, payload_buf, counts) -> (step, dtype, ndim, d0, d1, d2, d3, flag) */
 static PyObject *recv_message(PyObject *self, PyObject *args) {
-    int comm_f, source, tag, matched = 0, done = 0, count = 0;
+    int comm_f, source, tag, count = 0;
     long long h[8];
     Py_buffer payload, counts;
     if (!PyArg_ParseTuple(args, "iiiw*w*", &comm_f, &source, &tag, &payload, &counts)) return NULL;
-    MPI_Comm comm = MPI_Comm_f2c(comm_f);
-    MPI_Request requests[2];
-    MPI_Message message;
-    MPI_Status status;
     Py_BEGIN_ALLOW_THREADS
-    MPI_Irecv(h, sizeof h, MPI_BYTE, source, tag, comm, &requests[0]);
-    while (!matched) MPI_Improbe(source, tag + 1, comm, &matched, &message, &status);
-    MPI_Get_count(&status, MPI_BYTE, &count);
-    MPI_Imrecv(payload.buf, count, MPI_BYTE, &message, &requests[1]);
-    while (!done) MPI_Testall(2, requests, &done, MPI_STATUSES_IGNORE);
+    count = recv_pair(MPI_Comm_f2c(comm_f), source, tag, h, sizeof h, payload.buf);
     Py_END_ALLOW_THREADS
     ((long long *)counts.buf)[0] += sizeof h;
     ((long long *)counts.buf)[1] += count;
