@@ -2,7 +2,7 @@
 raw mpi4py to the Transport, at the message sizes of benchmarks/systems.py.
 
 Each row adds one thing the Transport must do per tensor (cumulative), so the differences say
-what each costs; two rows drive the same two MPI messages from C (benchmarks/wire_floor.c,
+what each costs; three rows drive the same two MPI messages from C (benchmarks/wire_floor.c,
 built with the mpicc beside python; left out when it cannot be built) to separate the MPI
 design from the interpreter. mpirun -n 2; rows alternate; best of --repeats.
 
