@@ -96,6 +96,49 @@ def throughput(work: Path, repeats: int = 5) -> dict:
             "pass": worst >= 0.9}  # fmt: skip
 
 
+def timed(comm: Any, fn: Callable[[int], None], messages: int) -> float:
+    """Seconds for fn(0), ..., fn(messages - 1) between two barriers, after 20 warm-up calls
+    (the one-way sender is done when the receiver is)."""
+    for i in range(20):
+        fn(i)
+    comm.Barrier()
+    start = time.perf_counter()
+    for i in range(messages):
+        fn(i)
+    comm.Barrier()
+    return time.perf_counter() - start
+
+
+def raw_round_trip(comm: Any, buf: Any, got: Any) -> Callable[[int], None]:
+    """Under mpirun -n 2: rank 1 sends `buf` with blocking mpi4py calls, rank 0 answers with as many bytes."""
+    rank = comm.Get_rank()
+
+    def one(i: int) -> None:
+        if rank == 1:
+            comm.Send(buf, dest=0, tag=7)
+            comm.Recv(got, source=0, tag=7)
+        else:
+            comm.Recv(got, source=1, tag=7)
+            comm.Send(buf, dest=1, tag=7)
+
+    return one
+
+
+def transport_round_trip(t: Any, x: Any) -> Callable[[int], None]:
+    """Under mpirun -n 2: rank 1 sends `x` over the Transport, rank 0 answers with as many bytes."""
+    from splitlora_mpi.wire import TRAIN
+
+    def one(i: int) -> None:
+        if t.rank == 1:
+            t.send_tensors(TRAIN, i, {0: [(x, "activations")]})
+            t.recv_tensors([0], TRAIN, ["gradients"])
+        else:
+            t.recv_tensors([1], TRAIN, ["activations"])
+            t.send_tensors(TRAIN, i, {1: [(x, "gradients")]})
+
+    return one
+
+
 def wire(repeats: int, shape: list[int], messages: int = 400) -> None:
     """Worker under mpirun -n 2. One way: rank 1 sends `messages` tensors, rank 0 receives them
     and acknowledges the last. Round trip: rank 1 sends, rank 0 answers with as many bytes.
@@ -126,36 +169,12 @@ def wire(repeats: int, shape: list[int], messages: int = 400) -> None:
         else:
             t.recv_tensors([1], TRAIN, ["activations"])
 
-    def raw_round_trip(i: int) -> None:
-        raw_one_way(i)
-        if rank == 1:
-            comm.Recv(got, source=peer, tag=7)
-        else:
-            comm.Send(buf, dest=peer, tag=7)
-
-    def protocol_round_trip(i: int) -> None:
-        if rank == 1:
-            t.send_tensors(TRAIN, i, {0: [(x, "activations")]})
-            t.recv_tensors([0], TRAIN, ["gradients"])
-        else:
-            t.recv_tensors([1], TRAIN, ["activations"])
-            t.send_tensors(TRAIN, i, {1: [(x, "gradients")]})
-
-    def timed(fn: Callable[[int], None]) -> float:
-        for i in range(20):  # warm-up
-            fn(i)
-        comm.Barrier()
-        start = time.perf_counter()
-        for i in range(messages):
-            fn(i)
-        comm.Barrier()  # (the one-way sender is done when the receiver is)
-        return time.perf_counter() - start
-
     best: dict[str, float] = {}
     for _ in range(repeats):
         for name, fn in (("raw_one_way", raw_one_way), ("protocol_one_way", protocol_one_way),
-                         ("raw_round_trip", raw_round_trip), ("protocol_round_trip", protocol_round_trip)):  # fmt: skip
-            best[name] = min(best.get(name, math.inf), timed(fn))
+                         ("raw_round_trip", raw_round_trip(comm, buf, got)),
+                         ("protocol_round_trip", transport_round_trip(t, x))):  # fmt: skip
+            best[name] = min(best.get(name, math.inf), timed(comm, fn, messages))
     if rank == 0:
         mb = x.numel() * 4 / 1e6
         out: dict[str, Any] = {"shape": shape, "bytes_per_message": x.numel() * 4, "messages": messages}

@@ -21,13 +21,12 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from common import MPIRUN, machine
-from systems import WIRE_SIZES
+from systems import WIRE_SIZES, raw_round_trip, timed, transport_round_trip
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = {
@@ -78,13 +77,12 @@ def worker(repeats: int, shape: list[int], build_dir: str, messages: int = 400) 
     from splitlora_mpi.wire.mpi import HEADER, BufferPool, MpiTransport, _header, _tensor
 
     comm = MPI.COMM_WORLD
-    rank, peer = comm.Get_rank(), 1 - comm.Get_rank()
+    comm_f, rank, peer = comm.py2f(), comm.Get_rank(), 1 - comm.Get_rank()
     x = torch.randn(*shape)
     nbytes, address = x.nbytes, x.data_ptr()
     got = np.empty(nbytes, np.uint8)
     header_in, status = bytearray(HEADER_BYTES), MPI.Status()
     metrics, pool = Metrics(rank), BufferPool()
-    transport = MpiTransport(60.0, Metrics(rank))
     fast = load_c(Path(build_dir))
 
     def spin(requests: list) -> None:
@@ -95,8 +93,11 @@ def worker(repeats: int, shape: list[int], build_dir: str, messages: int = 400) 
         header = _header(step, x, 0) if level >= 1 else bytes(HEADER_BYTES)
         spin([comm.Isend(MPI.buffer.fromaddress(address, nbytes), peer, 9), comm.Isend(header, peer, 8)])
         if level >= 3:
-            metrics.sent(peer, "control", HEADER_BYTES)
-            metrics.sent(peer, "activations", nbytes)
+            count_sent()
+
+    def count_sent() -> None:
+        metrics.sent(peer, "control", HEADER_BYTES)
+        metrics.sent(peer, "activations", nbytes)
 
     def recv(level: int) -> None:
         requests = [comm.Irecv(header_in, peer, 8)]
@@ -119,13 +120,12 @@ def worker(repeats: int, shape: list[int], build_dir: str, messages: int = 400) 
 
     def c_send(level: int, step: int) -> None:
         header = _header(step, x, 0) if level else bytes(HEADER_BYTES)
-        fast.send(comm.py2f(), peer, 8, header, address, nbytes)
+        fast.send(comm_f, peer, 8, header, address, nbytes)
         if level:
-            metrics.sent(peer, "control", HEADER_BYTES)
-            metrics.sent(peer, "activations", nbytes)
+            count_sent()
 
     def c_recv(level: int) -> None:
-        n = fast.recv(comm.py2f(), peer, 8, header_in, got)
+        n = fast.recv(comm_f, peer, 8, header_in, got)
         if level:
             finish(3, got, n)
 
@@ -140,53 +140,27 @@ def worker(repeats: int, shape: list[int], build_dir: str, messages: int = 400) 
 
         return one
 
-    def raw(step: int) -> None:
-        if rank == 1:
-            comm.Send(x.numpy(), peer, 7)
-            comm.Recv(got, peer, 7)
-        else:
-            comm.Recv(got, peer, 7)
-            comm.Send(x.numpy(), peer, 7)
-
-    def the_transport(step: int) -> None:
-        if rank == 1:
-            transport.send_tensors(TRAIN, step, {0: [(x, "activations")]})
-            transport.recv_tensors([0], TRAIN, ["gradients"])
-        else:
-            transport.recv_tensors([1], TRAIN, ["activations"])
-            transport.send_tensors(TRAIN, step, {1: [(x, "gradients")]})
-
     counts = np.zeros(2, np.int64)
     dims = (*x.shape, *(0,) * (4 - x.dim()))
 
     def c_send_message(level: int, step: int) -> None:
-        fast.send_message(comm.py2f(), peer, 8, (step, 0, x.dim(), *dims, 0), address, nbytes, counts)
+        fast.send_message(comm_f, peer, 8, (step, 0, x.dim(), *dims, 0), address, nbytes, counts)
 
     def c_recv_message(level: int) -> None:
-        h = fast.recv_message(comm.py2f(), peer, 8, got, counts)
+        h = fast.recv_message(comm_f, peer, 8, got, counts)
         Message(h[0], _tensor(got, h[1], h[3 : 3 + h[2]]), h[7])
 
-    rows: dict[str, Callable[[int], None]] = {"raw": raw}
+    rows: dict[str, Callable[[int], None]] = {"raw": raw_round_trip(comm, x.numpy(), got)}
     if fast is not None:
         rows |= {"c": round_trip(c_send, c_recv, 0), "c_python": round_trip(c_send, c_recv, 1),
                  "c_tensor": round_trip(c_send_message, c_recv_message, 0)}  # fmt: skip
     rows |= {name: round_trip(send, recv, level) for level, name in enumerate(STEPS)}
-    rows["transport"] = the_transport
+    rows["transport"] = transport_round_trip(MpiTransport(60.0, Metrics(rank)), x)
 
-    def timed(fn: Callable[[int], None]) -> float:
-        for step in range(20):  # warm-up
-            fn(step)
-        comm.Barrier()
-        start = time.perf_counter()
-        for step in range(messages):
-            fn(step)
-        comm.Barrier()
-        return (time.perf_counter() - start) / messages * 1e6
-
-    best: dict[str, float] = {}
+    best: dict[str, float] = {}  # µs per round trip
     for _ in range(repeats):
         for name, fn in rows.items():
-            best[name] = min(best.get(name, math.inf), timed(fn))
+            best[name] = min(best.get(name, math.inf), timed(comm, fn, messages) / messages * 1e6)
     if rank == 0:
         us = {name: round(v, 2) for name, v in best.items()}
         ratio = {name: round(best["raw"] / v, 3) for name, v in best.items()}
