@@ -2,19 +2,22 @@
 
 Exit codes: 0 done; 2 bad config / data / arguments (one line on rank 0, no traceback);
 143 stopped by SIGTERM/SIGINT after writing a checkpoint (run again to resume); 1 any other
-failure (the communicator is aborted so no rank is left waiting).
+failure (the communicator is aborted so no rank is left waiting). Under an elastic launch a
+client never aborts the job (it leaves alone), and every rank ends without MPI_Finalize (it
+hangs once any rank died); rank 0 writes how the job ended where SPLITLORA_STATUS_FILE says.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 import traceback
 
 from .config import load_config
-from .errors import ConfigError, Diverged, JobFailed, Stopped
+from .errors import ConfigError, Diverged, Evicted, JobFailed, Stopped
 
 LAUNCH = """how to launch:
   mpirun -n N+1 python -m splitlora_mpi [options]   rank 0 is the server, ranks 1..N the clients
@@ -66,13 +69,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rank = launcher_rank()
+    from .run.launch import STATUS_ENV, elastic_launch  # (torch only once every rank's input is checked)
+
+    elastic = elastic_launch()
+    code = _run(args, rank, elastic)
+    if rank == 0 and os.environ.get(STATUS_ENV) and not args.print_config:
+        status = {0: "complete", EXIT_STOPPED: "stopped"}.get(code, "failed")
+        with open(os.environ[STATUS_ENV], "w") as f:
+            json.dump({"status": status, "exit_code": code}, f)
+    if elastic and "mpi4py.MPI" in sys.modules:  # MPI_Finalize hangs once any rank died
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _run(args: argparse.Namespace, rank: int, elastic: bool) -> int:
     try:
         cfg = load_config(args.config, args.set)
         if args.print_config:
             if rank == 0:
                 print(cfg.to_yaml(), end="")
             return 0
-        from .run.launch import run  # (torch only once every rank's input is checked)
+        from .run.launch import run
 
         run(cfg)
         return 0
@@ -88,13 +107,18 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_STOPPED
     except KeyboardInterrupt:
         return 130
+    except Evicted as e:  # this client alone leaves; the job goes on
+        print(f"rank {rank}: evicted: {e}", file=sys.stderr, flush=True)
+        return 1
     except JobFailed as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        _abort_world()
+        if not (elastic and rank != 0):  # an elastic client never takes the job down
+            _abort_world()
         return 1
     except Exception:  # noqa: BLE001 - report, then take every rank down
         print(f"rank {rank}: error:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
-        _abort_world()
+        if not (elastic and rank != 0):
+            _abort_world()
         return 1
 
 

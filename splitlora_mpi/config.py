@@ -163,6 +163,15 @@ class CommConfig:
 
 
 @dataclass
+class ElasticConfig:
+    min_clients: int = _f(1, "under an elastic launch: fewer live clients than this writes a checkpoint and stops "
+                             "(exit 1)", min=1)
+    client_timeout_s: float = _f(
+        60.0, "under an elastic launch: a client silent this long within a step or round is dropped and the "
+        "others go on (a plain mpirun ends the job after comm.timeout_s instead)", gt=0)
+
+
+@dataclass
 class MetricsConfig:
     enabled: bool = _f(False, "serve Prometheus metrics on every rank")
     port: int = _f(9400, "base port; a rank serves on port + its local rank", min=1, max=65535)
@@ -193,6 +202,7 @@ class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     comm: CommConfig = field(default_factory=CommConfig)
+    elastic: ElasticConfig = field(default_factory=ElasticConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -36,3 +36,13 @@ class Diverged(ConfigError):
             "(lower train.lr, or check the data and model.dtype)"
         )
         self.others_running = False
+
+
+class Evicted(JobFailed):
+    """Elastic runs: rank 0 dropped this client (it was silent past elastic.client_timeout_s);
+    the client leaves alone (exit 1) and the job goes on without it."""
+
+
+class TooFewClients(JobFailed):
+    """Elastic runs: fewer live clients than elastic.min_clients; a checkpoint of the last step
+    was written (exit 1)."""

@@ -16,9 +16,10 @@ if TYPE_CHECKING:  # (modes load with the config, before torch: fast failure on 
     import torch
     from transformers import PretrainedConfig
 
-    from ..config import JobConfig
+    from ..config import ElasticConfig, JobConfig
     from ..data import EncodedData, Tokenizer
     from ..model import SplitPart
+    from ..roles.roster import Roster
     from ..training import OnStep
     from ..wire import Transport
     from ..wire.messages import Channel
@@ -64,6 +65,8 @@ class Setup:
     clients: list[int]  # client ranks (none in a one-rank mode)
     data: Callable[[str], EncodedData]  # "train" / "val": the encoded rows of this rank's file
     rows: Callable[[EncodedData], list[int]]  # this rank's training rows
+    elastic: ElasticConfig | None = None  # an elastic launch that this mode and config support
+    roster: Roster | None = None  # rank 0: the live clients
 
     @property
     def index(self) -> int:
@@ -90,6 +93,10 @@ class Mode(ABC):
     def check_clients(self, cfg: JobConfig, num_clients: int) -> None:
         """This mode's rules on the number of clients, checked by every rank before its heavy imports."""
         return None
+
+    def not_elastic(self, cfg: JobConfig) -> str | None:
+        """Why this mode with this config cannot go on without a lost client (None: it can)."""
+        return f"run.mode {self.name} is not elastic yet"
 
     @abstractmethod
     def lead(self, s: Setup) -> Lead:

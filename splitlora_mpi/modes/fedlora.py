@@ -26,11 +26,14 @@ class FedLoRA(Mode):
                 f"train.aggregate_every ({t.aggregate_every}), got {every}"
             )
 
+    def not_elastic(self, cfg: JobConfig) -> str | None:
+        return None
+
     def lead(self, s: Setup) -> Lead:
         from ..roles.fedavg import FedServer
 
         val = s.data("val")
-        return FedServer(s.cfg, s.part("client"), s.part("server"), val, s.transport)
+        return FedServer(s.cfg, s.part("client"), s.part("server"), val, s.transport, s.roster)
 
     def client(self, s: Setup) -> ClientRole:
         from ..roles.fedavg import FedClient
@@ -39,4 +42,4 @@ class FedLoRA(Mode):
         train, val = s.data("train"), s.data("val")
         parts = s.part("client", s.index), s.part("server")  # the whole model, as two parts (exactly as central)
         local = WholeModel(s.cfg, *parts, train, s.rows(train), val, s.transport.metrics, s.index)
-        return FedClient(local, s.transport)
+        return FedClient(local, s.transport, s.elastic)

@@ -41,17 +41,25 @@ class SplitLoRA(Mode):
     def check_clients(self, cfg: JobConfig, num_clients: int) -> None:
         check_cut_points(cfg, num_clients)
 
+    def not_elastic(self, cfg: JobConfig) -> str | None:
+        """The plain joint step is elastic; the other schedules are not (yet)."""
+        options = {"split.label_private": cfg.split.label_private, "comm.micro_batches > 1": cfg.comm.micro_batches > 1,
+                   "split.server_update sequential": cfg.split.server_update == "sequential",
+                   "per-client split.client_layers": len(cfg.split.cuts()) > 1}  # fmt: skip
+        on = [k for k, v in options.items() if v]
+        return f"{on[0]} is not elastic yet" if on else None
+
     def lead(self, s: Setup) -> Lead:
         from ..roles.server import Server
 
-        return Server(s.cfg, s.part("server"), s.channel, s.clients)
+        return Server(s.cfg, s.part("server"), s.channel, s.clients, s.roster)
 
     def client(self, s: Setup) -> ClientRole:
         from ..roles.client import Client
 
         train, val = s.data("train"), s.data("val")
         part = s.part("client", s.index)
-        return Client(s.cfg, part, train, s.rows(train), val, s.channel, s.index, len(s.clients))
+        return Client(s.cfg, part, train, s.rows(train), val, s.channel, s.index, len(s.clients), s.elastic)
 
     def share(self, cfg: JobConfig, hellos: dict[int, dict[str, Any]]) -> dict[str, Any]:
         """Per-client cut points: every client-side adapter tensor (key: shape), for FedAvg by key."""

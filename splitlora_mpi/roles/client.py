@@ -15,13 +15,13 @@ from typing import Any
 import torch
 
 from .. import aggregate
-from ..config import JobConfig
+from ..config import ElasticConfig, JobConfig
 from ..data import Batch, EncodedData, Sampler, make_batch, shard
 from ..errors import Diverged
 from ..model import SplitPart
 from ..privacy import privatize
 from ..training import PartTrainer, checkpoint_or_stop, is_aggregation_step, is_eval_step, lm_loss_sum
-from ..wire import CONTINUE, DIVERGED, EVAL, EVAL_TAIL, SERVER, STOP, TAIL, TRAIN
+from ..wire import CONTINUE, DIVERGED, EVAL, EVAL_TAIL, LOST, SERVER, STOP, TAIL, TRAIN
 from ..wire.messages import (
     Channel,
     EvalSums,
@@ -34,6 +34,7 @@ from ..wire.messages import (
     TailReply,
     Upload,
 )
+from .roster import ClientSum
 
 
 def side_channel(batch: Batch) -> torch.Tensor:
@@ -95,7 +96,9 @@ class Client:
         channel: Channel,
         index: int,
         num_clients: int,
+        elastic: ElasticConfig | None = None,
     ):
+        """`elastic`: under an elastic launch, FedAvg survives a lost client (roles/roster.py)."""
         self.cfg = cfg
         self.part = part
         self.parts = [part]
@@ -116,7 +119,8 @@ class Client:
             LossOnTail(part, channel, cfg.train.label_smoothing) if cfg.split.label_private else LossAtServer()
         )
         self.exchange = self._micro_batches if self.micro_batches > 1 else self._whole_batch
-        self.fedavg = functools.partial(aggregate.fedavg, allreduce_sum=self.transport.allreduce_sum)
+        self.sum = ClientSum(self.transport, elastic.client_timeout_s) if elastic else None
+        self.fedavg = functools.partial(aggregate.fedavg, allreduce_sum=self.sum or self.transport.allreduce_sum)
         self.tokens = 0
         self.tokens_since_average = 0
 
@@ -200,8 +204,10 @@ class Client:
             raise RuntimeError(f"rank {self.transport.rank}: gradient for step {reply.step} arrived at step {step}")
         if reply.flag == DIVERGED:  # the server reports it (exit 2)
             raise Diverged(step, float("nan"))
+        if reply.flag & LOST and self.sum is not None:  # a client was lost: no Allreduce that cannot end
+            self.sum.relay = True
         h.backward(reply.body.gradient)
-        return reply.flag
+        return reply.flag & ~LOST
 
     def average(self) -> None:
         """FedAvg of the client adapters (one Allreduce), weighted by train.fedavg_weights."""

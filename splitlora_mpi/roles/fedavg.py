@@ -6,11 +6,13 @@ which hands it the average and the round's losses at once; it evaluates and logs
 
 The Allreduce buffer (float64): [w * adapter ..., w, stop, (loss sum, targets, tokens) per
 step of the round]. A non-finite loss sum reaches every rank in it (exit 2 after the
-round); a signal on any rank stops every rank after the round.
+round); a signal on any rank stops every rank after the round. Under an elastic launch the
+sum survives a lost client (roles/roster.py): the round's losses are then the live clients'.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -19,9 +21,9 @@ from typing import Any
 import numpy as np
 
 from .. import aggregate
-from ..config import JobConfig
+from ..config import ElasticConfig, JobConfig
 from ..data import EncodedData
-from ..errors import Diverged
+from ..errors import Diverged, Stopped
 from ..model import SplitPart, joined_adapter_state, load_joined_adapter_state
 from ..training import (
     OnStep,
@@ -32,6 +34,7 @@ from ..training import (
     is_eval_step,
 )
 from ..wire import Transport
+from .roster import ClientSum, Roster, ServerSum
 from .whole import WholeModel
 
 PER_STEP = 3  # loss sum, target tokens, tokens
@@ -79,11 +82,13 @@ class _Round:
 class FedClient:
     """One client: local steps on the whole model, then the round's Allreduce."""
 
-    def __init__(self, local: WholeModel, transport: Transport):
+    def __init__(self, local: WholeModel, transport: Transport, elastic: ElasticConfig | None = None):
         self.local = local
         self.parts = local.parts
         self.cfg = local.cfg
         self.transport = transport
+        world_sum = functools.partial(transport.allreduce_sum, world=True)
+        self.sum = ClientSum(transport, elastic.client_timeout_s, world=True) if elastic else world_sum
         self.tokens_since_average = 0
         self.eval_rows = 0  # (rank 0 evaluates the average)
 
@@ -113,7 +118,7 @@ class FedClient:
             state = self.local.adapter_state()
             w = float(self.tokens_since_average) if self.cfg.train.fedavg_weights == "tokens" else 1.0
             buf = np.concatenate([aggregate.flatten(state) * w, [w, float(stop_requested())], records])
-            result = _Round(self.transport.allreduce_sum(buf, world=True), buf.size - 2 - len(records), steps)
+            result = _Round(self.sum(buf), buf.size - 2 - len(records), steps)
             result.check_finite()
             self.local.load_adapter_state(result.average(state))
             self.tokens_since_average = 0
@@ -135,7 +140,7 @@ class FedServer:
     """Rank 0: joins each round's Allreduce with zeros, logs its steps, evaluates the average."""
 
     def __init__(self, cfg: JobConfig, client_part: SplitPart, server_part: SplitPart, val: EncodedData,
-                 transport: Transport):  # fmt: skip
+                 transport: Transport, roster: Roster | None = None):  # fmt: skip
         self.cfg = cfg
         self.client_part, self.server_part = client_part, server_part
         self.parts = [client_part, server_part]
@@ -144,9 +149,13 @@ class FedServer:
         self.transport = transport
         self.tokens = 0
         self.num_clients = transport.size - 1
+        self.roster = roster or Roster(list(range(1, transport.size)), transport)
+        elastic_sum = ServerSum(self.roster, transport, world=True)
+        self.sum = elastic_sum if self.roster.elastic else lambda step, buf: transport.allreduce_sum(buf, world=True)
 
     def meet(self, hellos: dict[int, dict[str, Any]]) -> None:
         """(Every client trains the same whole model.)"""
+        self.roster.meet(hellos)
 
     def adapter_state(self) -> aggregate.State:
         return joined_adapter_state(self.parts)
@@ -166,12 +175,17 @@ class FedServer:
             state = self.adapter_state()
             numel = sum(t.numel() for t in state.values())
             buf = np.zeros(numel + 2 + PER_STEP * len(steps))
-            buf[numel + 1] = float(stop_requested())
+            buf[numel + 1] = float(stop_requested() or self.roster.below_min)
             round_start = time.perf_counter()
-            result = _Round(self.transport.allreduce_sum(buf, world=True), numel, steps)
+            live = len(self.roster.live)
+            result = _Round(self.sum(steps[-1], buf), numel, steps)
             seconds = (time.perf_counter() - round_start) / len(steps)  # the round, seen from rank 0
+            if not self.roster.live:  # (nobody's adapter in the sum)
+                self._too_few(step, on_checkpoint)
             result.check_finite()
             load_joined_adapter_state(self.parts, result.average(state))
+            for s in steps:
+                self.roster.took_part(s, live)
             for step, loss, tokens in result.per_step():
                 self.tokens += tokens
                 self.transport.metrics.step(step, seconds, tokens, loss)
@@ -180,7 +194,15 @@ class FedServer:
                     val = evaluate_whole(self.client_part, self.server_part, self.val, self.cfg.train.batch_size)
                     self.transport.metrics.val_loss(val)
                 on_step(step, loss, tokens, self.schedule.lr_at(step), val)
+            if result.stop and self.roster.below_min:
+                self._too_few(step, on_checkpoint)
             checkpoint_or_stop(step, self.cfg.checkpoint.every, result.stop, on_checkpoint)
+
+    def _too_few(self, step: int, on_checkpoint: Callable[[int], None]) -> None:
+        try:
+            checkpoint_or_stop(step, 0, True, on_checkpoint)
+        except Stopped:
+            raise self.roster.too_few(step) from None
 
     def state(self) -> dict[str, Any]:
         return {"adapter": {k: v.detach().cpu().clone() for k, v in self.adapter_state().items()},

@@ -18,7 +18,7 @@ import torch
 from .. import aggregate
 from ..config import JobConfig
 from ..data import target_count
-from ..errors import Diverged
+from ..errors import Diverged, Stopped
 from ..model import SplitPart
 from ..training import (
     OnStep,
@@ -30,7 +30,7 @@ from ..training import (
     is_eval_step,
     lm_loss_sum,
 )
-from ..wire import CONTINUE, DIVERGED, EVAL, EVAL_TAIL, STOP, TAIL, TRAIN
+from ..wire import CONTINUE, DIVERGED, EVAL, EVAL_TAIL, LOST, STOP, TAIL, TRAIN
 from ..wire.messages import (
     Channel,
     EvalSums,
@@ -44,6 +44,7 @@ from ..wire.messages import (
     TailReply,
     Upload,
 )
+from .roster import Roster, ServerSum
 
 Uploads = dict[int, Letter[Any]]  # client rank -> its Upload / PrivateUpload
 
@@ -103,7 +104,10 @@ class Server:
         part: SplitPart,
         channel: Channel,
         clients: list[int],
+        roster: Roster | None = None,
     ):
+        """`roster`: the live clients (an elastic one gives up on a silent client, see
+        roles/roster.py); None: a fixed roster of `clients`."""
         self.cfg = cfg
         self.part = part
         self.parts = [part]
@@ -121,6 +125,10 @@ class Server:
                          self._micro_batches if self.micro_batches > 1 else self._whole_batch)  # fmt: skip
         self.client_adapters: dict[int, dict[str, list[int]]] | None = None
         self.client_adapter_numel = 0
+        self.roster = roster or Roster(clients, channel.transport)
+        # rank 0's part in FedAvg: none (the clients' Allreduce), or per-client cut points, or elastic
+        self.aggregate: Callable[[int], Any] = ServerSum(self.roster, channel.transport) if self.roster.elastic else (
+            lambda step: None)  # fmt: skip
         self.tokens_since_average = dict.fromkeys(self.clients, 0)
         self.tokens = 0
 
@@ -130,8 +138,10 @@ class Server:
         their FedAvg."""
         self.eval_rows = {c: hellos[c]["eval_rows"] for c in self.clients}
         self.client_adapter_numel = hellos[self.clients[0]]["adapter_numel"]
+        self.roster.meet(hellos)
         if len(self.cfg.split.cuts()) > 1:
             self.client_adapters = {c: hellos[c]["adapter_shapes"] for c in self.clients}
+            self.aggregate = lambda step: self.average()
 
     # ------------------------------------------------------------ the loop
 
@@ -143,20 +153,26 @@ class Server:
         for step in range(start + 1, t.steps + 1):
             lr = self.trainer.lr
             loss, tokens, stopping = self.train_step(step, stop_requested())
-            if self.client_adapters is not None and is_aggregation_step(step, t):
-                self.average()
+            if is_aggregation_step(step, t):
+                self.aggregate(step)
             val = self.evaluate(step) if is_eval_step(step, t) else None
             on_step(step, loss, tokens, lr, val)
-            checkpoint_or_stop(step, self.cfg.checkpoint.every, stopping, on_checkpoint)
+            try:
+                checkpoint_or_stop(step, self.cfg.checkpoint.every, stopping, on_checkpoint)
+            except Stopped:
+                if self.roster.below_min:
+                    raise self.roster.too_few(step) from None
+                raise
 
     def active(self, step: int) -> list[int]:
-        """The clients that send activations in `step`, in batch order: by cut point, then rank."""
-        return sorted(self.clients, key=lambda c: (self.cut[c], c))
+        """The live clients that send activations in `step`, in batch order: by cut point, then rank."""
+        return sorted(self.roster.live, key=lambda c: (self.cut[c], c))
 
     def train_step(self, step: int, stop_requested: bool = False) -> tuple[float, int, bool]:
         """One step; returns (loss, tokens, whether every rank stops after it)."""
         start = time.perf_counter()
         loss, masks, stopping = self.exchange(step, self.active(step), stop_requested)
+        self.roster.took_part(step, len(masks))
         per_client = {r: int(m.sum()) for r, m in masks.items()}
         for r, n in per_client.items():
             self.tokens_since_average[r] += n
@@ -168,9 +184,14 @@ class Server:
     # ------------------------------------------------------------ the three schedules of a step
 
     def _whole_batch(self, step: int, active: list[int], stopping: bool) -> tuple[float, dict, bool]:
-        """Every client's whole batch at once; the loss where `self.loss` computes it."""
-        uploads = self.channel.recv(active, TRAIN, self.loss.upload)
-        stopping = stopping or any(u.flag == STOP for u in uploads.values())
+        """Every client's whole batch at once; the loss where `self.loss` computes it. Elastic:
+        the batch is the rows of the clients whose upload arrived within client_timeout_s (a
+        client lost after its upload arrived still counts in this step's server update)."""
+        roster = self.roster
+        uploads = roster.keep(active, self.channel.recv(active, TRAIN, self.loss.upload, roster.give_up_s), step)
+        stopping = stopping or roster.below_min or any(u.flag == STOP for u in uploads.values())
+        if not uploads:
+            return float("nan"), {}, True
         out, h = self.forward(uploads, step, requires_grad=True)
         try:
             loss = self.loss.train(step, out, uploads, h)
@@ -252,8 +273,16 @@ class Server:
         return self.part.forward_joined(inputs), h
 
     def reply(self, step: int, grads: dict[int, torch.Tensor], flag: int, wait: bool = True) -> Callable[[], None]:
-        """Each client the gradient of the activations it sent; returns the wait for completion."""
-        done = self.channel.isend(TRAIN, step, {r: GradientReply(g) for r, g in grads.items()}, flag)
+        """Each client the gradient of the activations it sent; returns the wait for completion.
+        After a loss every reply carries LOST (the clients' FedAvg then goes through rank 0)."""
+        roster = self.roster
+        flag |= LOST if roster.lost else 0
+        records = {c: GradientReply(g) for c, g in grads.items()}
+        sending = self.channel.isend(TRAIN, step, records, flag, roster.give_up_s)
+
+        def done() -> None:
+            roster.lose(sending(), step)
+
         if wait:
             done()
         return done
@@ -276,13 +305,16 @@ class Server:
         active = self.active(step)
         batches = {c: -(-self.eval_rows[c] // self.cfg.train.batch_size) for c in active}
         total, count = 0.0, 0
-        for r in range(max(batches.values())):
-            uploads = self.channel.recv([c for c in active if batches[c] > r], EVAL, self.loss.upload)
-            out, h = self.forward(uploads, step, requires_grad=False)
-            loss_sum, n = self.loss.evaluate(step, out, uploads, h)
-            total, count = total + loss_sum, count + n
-        self.metrics.val_loss(total / count)
-        return total / count
+        for i in range(max(batches.values(), default=0)):
+            due = [c for c in self.active(step) if batches[c] > i]
+            uploads = self.roster.keep(due, self.channel.recv(due, EVAL, self.loss.upload, self.roster.give_up_s), step)
+            if uploads:
+                out, h = self.forward(uploads, step, requires_grad=False)
+                loss_sum, n = self.loss.evaluate(step, out, uploads, h)
+                total, count = total + loss_sum, count + n
+        val = total / count if count else float("nan")
+        self.metrics.val_loss(val)
+        return val
 
     # ------------------------------------------------------------ for the runner
 

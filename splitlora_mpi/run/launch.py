@@ -22,6 +22,20 @@ from . import preflight
 
 PHASES = ("launch", "preflight", "import", "build", "handshake")
 _STOP = threading.Event()
+ELASTIC_ENV = "SPLITLORA_ELASTIC"  # "1": launched by python -m splitlora_mpi.elastic
+STATUS_ENV = "SPLITLORA_STATUS_FILE"  # where rank 0 writes how the job ended (the elastic launcher reads it)
+
+
+def elastic_launch() -> bool:
+    """Whether a client's death leaves the other ranks running: the elastic launcher says so,
+    or hydra's auto-cleanup is off by its config file (HYDRA_CONFIG_FILE or ~/.mpiexec.hydra.conf)."""
+    if os.environ.get(ELASTIC_ENV) == "1":
+        return True
+    conf = Path(os.environ.get("HYDRA_CONFIG_FILE") or Path.home() / ".mpiexec.hydra.conf")
+    try:
+        return "-disable-auto-cleanup" in conf.read_text()
+    except OSError:
+        return False
 
 
 class Startup:

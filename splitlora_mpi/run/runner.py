@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import os
 import resource
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from ..config import JobConfig
+from ..config import ElasticConfig, JobConfig
 from ..data import EncodedData, Example, encode_examples, load_tokenizer, read_split, rows_of
 from ..errors import ConfigError
 from ..fsutil import say
@@ -20,12 +21,13 @@ from ..metrics import Metrics
 from ..model import hf_config
 from ..modes import Mode, mode_of
 from ..modes.base import ClientRole, Lead, Setup
-from ..wire import CHECKPOINT, EXPORT, SERVER, STATS, Transport
+from ..roles.roster import Roster
+from ..wire import CHECKPOINT, EXPORT, FINISH, SERVER, STATS, Transport
 from ..wire.local import LocalWorld
 from ..wire.messages import Channel
 from . import checkpoint, preflight
 from .handshake import client_handshake, server_handshake
-from .launch import Startup
+from .launch import Startup, elastic_launch
 from .outputs import holdings, summary, write_model_outputs
 from .runlog import RunLog
 
@@ -43,15 +45,18 @@ def start(
     if transport is None:
         transport = LocalWorld(1).transport(0, cfg.comm.timeout_s, metrics)
     _set_threads(transport.local_size)
-    run_rank(cfg, transport, stop_requested, checked, startup)
+    run_rank(cfg, transport, stop_requested, checked, startup, elastic_launch())
 
 
-def run_in_process(cfg: JobConfig, num_clients: int, stop_requested: Callable[[], bool] = lambda: False) -> None:
+def run_in_process(
+    cfg: JobConfig, num_clients: int, stop_requested: Callable[[], bool] = lambda: False, elastic: bool = False
+) -> None:
     """Every rank of the job as a thread of this process, on the local transport: the same
-    roles, handshake, checkpoints and outputs as under mpirun (for tests and debugging)."""
+    roles, handshake, checkpoints and outputs as under mpirun (for tests and debugging).
+    `elastic`: as under an elastic launch (a rank may vanish, see wire.local.Vanish)."""
     mode = mode_of(cfg.run.mode)
     world = LocalWorld(1 if mode.one_rank else num_clients + 1)
-    world.run(lambda t: run_rank(cfg, t, stop_requested), cfg.comm.timeout_s,
+    world.run(lambda t: run_rank(cfg, t, stop_requested, elastic=elastic), cfg.comm.timeout_s,
               lambda r: Metrics(r, mode.lead_role if r == SERVER else "client"))  # fmt: skip
 
 
@@ -61,18 +66,23 @@ def run_rank(
     stop_requested: Callable[[], bool],
     checked: preflight.Checked | None = None,
     startup: Startup | None = None,
+    elastic: bool = False,
 ) -> None:
     """One rank of the job. Without `checked` (in-process runs) the rank runs its preflight
-    checks here and an error travels with the handshake."""
+    checks here and an error travels with the handshake. `elastic`: an elastic launch."""
     mode = mode_of(cfg.run.mode)
     startup = startup or Startup()
     if checked is None:
         checked = preflight.check(cfg, mode, transport.rank, transport.size)
         startup.lap("preflight")
+    why_not = "a plain launch" if not elastic else mode.not_elastic(cfg)
     if transport.rank == SERVER:
-        _run_lead(cfg, mode, transport, stop_requested, checked, startup)
+        if not mode.one_rank and why_not:
+            say(f"{mode.lead_role}: not elastic ({why_not}): a client that fails ends the job (resumable); "
+                "python -m splitlora_mpi.elastic keeps going over the clients that answer")  # fmt: skip
+        _run_lead(cfg, mode, transport, stop_requested, checked, startup, None if why_not else cfg.elastic)
     else:
-        _run_client(cfg, mode, transport, stop_requested, checked, startup)
+        _run_client(cfg, mode, transport, stop_requested, checked, startup, None if why_not else cfg.elastic)
 
 
 # ---------------------------------------------------------------- the two kinds of rank
@@ -85,13 +95,15 @@ def _run_lead(
     stop_requested: Callable[[], bool],
     checked: preflight.Checked,
     startup: Startup,
+    elastic: ElasticConfig | None,
 ) -> None:
     clients = list(range(1, transport.size))
     m = transport.metrics
+    roster = Roster(clients, transport, elastic)
     error, found, fingerprint = checked.error, None, cfg.fingerprint()
     if error is None:
         try:
-            s = _setup(cfg, transport, checked.examples)
+            s = _setup(cfg, transport, checked.examples, elastic, roster)
             fingerprint["tokenizer"] = s.tokenizer.fingerprint()
             lead = mode.lead(s)
             _serve_metrics(cfg, m, transport.local_rank)
@@ -127,29 +139,37 @@ def _run_lead(
     def on_checkpoint(step: int) -> None:
         state = {"step": step, "role": lead.state(), "log": log.state(), "metrics": m.state(),
                  "torch_rng": torch.get_rng_state()}  # fmt: skip
+        savers = mode.savers(cfg, step, roster.live)
         states = {SERVER: checkpoint.to_bytes(state),
-                  **transport.recv_objects(mode.savers(cfg, step, clients), CHECKPOINT)}  # fmt: skip
+                  **roster.keep(savers, transport.recv_objects(savers, CHECKPOINT, give_up_s=roster.give_up_s), step)}
         _save_checkpoint(cfg, step, transport.size, states)
 
     lead.run(on_step, found.step if found else 0, on_checkpoint, stop_requested)
     state = lead.adapter_state()
-    exporter = mode.exporter(cfg, clients)
-    if exporter is not None:
-        adapter = transport.recv_objects([exporter], EXPORT, kind="adapters")[exporter]
-        state = {**{k: torch.from_numpy(v) for k, v in adapter.items()}, **state}
     before = m.received_from_ranks()
-    stats = transport.recv_objects(clients, STATS)
+    stats, adapter = _client_reports(cfg, mode, transport, roster)
+    if adapter is not None:
+        state = {**{k: torch.from_numpy(v) for k, v in adapter.items()}, **state}
     write_model_outputs(cfg, s.config, lead.parts[-1], state)
     by_kind = m.sent_by_kind()  # summary: every rank's sends, by kind
     for st in stats.values():
         by_kind = {k: by_kind[k] + st["sent"][k] for k in by_kind}
     by_kind["control"] += m.received_from_ranks() - before  # the statistics messages themselves
-    parts = {"0": holdings(mode.lead_role, lead.parts), **{str(c): stats[c]["holdings"] for c in clients}}
+    parts = {"0": holdings(mode.lead_role, lead.parts), **{str(c): stats[c]["holdings"] for c in stats}}
     examples = [{"examples": h["train_rows"], "tokens": h["train_tokens"]} for _, h in sorted(reports.items())]
-    startup_s = {"0": startup.report(), **{str(c): stats[c]["startup_s"] for c in clients}}
-    log.close(summary(cfg, log, transport.size, bytes=by_kind, **mode.summary(lead, stats, _peak_rss_mb()),
-                      examples_by_client=examples, model_parts=parts, startup_s=startup_s))  # fmt: skip
-    transport.barrier("finishing")
+    startup_s = {"0": startup.report(), **{str(c): stats[c]["startup_s"] for c in stats}}
+    facts = {**mode.summary(lead, stats, _peak_rss_mb()), "num_clients": len(clients) or 1}
+    log.close(summary(cfg, log, transport.size, bytes=by_kind, **facts, examples_by_client=examples,
+                      model_parts=parts, startup_s=startup_s, **_membership(roster)))  # fmt: skip
+    if roster.lost:
+        lost = "; ".join(f"{x['rank']} at step {x['step']}, {x['reason']}" for x in roster.lost)
+        print(f"finished {cfg.train.steps} steps with {len(roster.live)} of {len(clients)} clients (lost: {lost})",
+              flush=True)  # fmt: skip
+    if roster.elastic:  # (a barrier of every rank would wait for the lost ones)
+        for c in roster.live:
+            transport.send_object(c, FINISH, None)
+    else:
+        transport.barrier("finishing")
     _finish_metrics(cfg, m)
 
 
@@ -160,6 +180,7 @@ def _run_client(
     stop_requested: Callable[[], bool],
     checked: preflight.Checked,
     startup: Startup,
+    elastic: ElasticConfig | None,
 ) -> None:
     clients = list(range(1, transport.size))
     metrics = transport.metrics
@@ -167,7 +188,7 @@ def _run_client(
     error, fingerprint = checked.error, cfg.fingerprint()
     if error is None:
         try:
-            s = _setup(cfg, transport, checked.examples)
+            s = _setup(cfg, transport, checked.examples, elastic)
             fingerprint["tokenizer"] = s.tokenizer.fingerprint()
             role = mode.client(s)
             _serve_metrics(cfg, metrics, transport.local_rank)
@@ -179,6 +200,8 @@ def _run_client(
     startup.lap("handshake")
     role.accept(verdict)
     transport.open_clients_group()
+    if elastic:
+        transport.watch_eviction()
     resume = verdict["resume"]
     if resume is not None and transport.rank in mode.savers(cfg, resume + 1, clients):
         # rank 0 holds the checkpoint and sends this client its state
@@ -192,7 +215,8 @@ def _run_client(
         transport.send_object(SERVER, CHECKPOINT, checkpoint.to_bytes(state))
 
     role.run(resume or 0, on_checkpoint, stop_requested)
-    if transport.rank == mode.exporter(cfg, clients):
+    if transport.rank == mode.exporter(cfg, clients) or (elastic and mode.exporter(cfg, clients)):
+        # (elastic: every client, rank 0 takes the first live one's)
         adapter = {k: v.detach().cpu().numpy() for k, v in role.parts[0].adapter_state().items()}
         transport.send_object(SERVER, EXPORT, adapter, kind="adapters")
     stats = {
@@ -204,14 +228,23 @@ def _run_client(
         "startup_s": startup.report(),
     }
     transport.send_object(SERVER, STATS, stats)
-    transport.barrier("finishing")  # every rank's endpoint lingers over the same window
+    if elastic:  # rank 0 has written every output
+        transport.recv_objects([SERVER], FINISH)
+    else:
+        transport.barrier("finishing")  # every rank's endpoint lingers over the same window
     _finish_metrics(cfg, metrics)
 
 
 # ---------------------------------------------------------------- set-up
 
 
-def _setup(cfg: JobConfig, transport: Transport, read: dict[str, list[Example]]) -> Setup:
+def _setup(
+    cfg: JobConfig,
+    transport: Transport,
+    read: dict[str, list[Example]],
+    elastic: ElasticConfig | None,
+    roster: Roster | None = None,
+) -> Setup:
     """Tokenizer, model config, device and channel of this rank; its data on demand (cached;
     `read`: the examples the preflight read, encoded instead of reading the files again)."""
     tok = load_tokenizer(cfg.model.tokenizer)
@@ -230,7 +263,7 @@ def _setup(cfg: JobConfig, transport: Transport, read: dict[str, list[Example]])
     def rows(train: EncodedData) -> list[int]:
         return rows_of(cfg, train.groups, len(clients), transport.rank)
 
-    return Setup(cfg, config, tok, transport, channel, device, clients, data, rows)
+    return Setup(cfg, config, tok, transport, channel, device, clients, data, rows, elastic, roster)
 
 
 def _hello(s: Setup, role: ClientRole | Lead) -> dict[str, Any]:
@@ -239,6 +272,7 @@ def _hello(s: Setup, role: ClientRole | Lead) -> dict[str, Any]:
     part, rows = role.parts[0], s.rows(train)
     return {
         "pid": os.getpid(),
+        "host": socket.gethostname(),
         "train_rows": len(rows),
         "train_tokens": int(train.attention_mask[rows].sum()),
         "truncated": train.truncated,
@@ -283,6 +317,27 @@ def _device(local_rank: int) -> torch.device:
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _client_reports(
+    cfg: JobConfig, mode: Mode, transport: Transport, roster: Roster
+) -> tuple[dict[int, Any], dict[str, Any] | None]:
+    """Every live client's end-of-run statistics, and the client-side adapter if a client holds
+    it: from the mode's exporter, or (elastic) from the first live client, as every live one sends it."""
+    exporter = mode.exporter(cfg, roster.live)
+    adapter = None
+    if exporter is not None:
+        senders = list(roster.live) if roster.elastic else [exporter]
+        got = roster.keep(senders, transport.recv_objects(senders, EXPORT, "adapters", roster.give_up_s), cfg.train.steps)
+        adapter = got[min(got)] if got else None
+    live = list(roster.live)
+    return roster.keep(live, transport.recv_objects(live, STATS, give_up_s=roster.give_up_s), cfg.train.steps), adapter
+
+
+def _membership(roster: Roster) -> dict[str, Any]:
+    """summary.json: how the job ended and who took part (DESIGN §4)."""
+    return {"status": "complete", "clients_lost": roster.lost, "clients_joined": [],
+            "participants": roster.participants}  # fmt: skip
 
 
 # ---------------------------------------------------------------- checkpoints (rank 0 writes them all)

@@ -26,12 +26,16 @@ HEADER_BYTES = 64  # 8 x int64: step, dtype, ndim, 4 dims, flag
 # the flag of a tensor message: on an upload, the client asks to stop (it got SIGTERM/SIGINT);
 # on a gradient reply, what every client does after this step
 CONTINUE, DIVERGED, STOP = 0, 1, 2
+LOST = 4  # a bit on a gradient reply (elastic runs): a client was lost, FedAvg goes through rank 0 from now on
 
 # phase tags: a message's tag is phase + 2 x (index of the tensor in the message) + header/payload;
 # TAIL / EVAL_TAIL: label privacy, the server's output to the client's tail and what comes back
 TRAIN, TAIL, EVAL, EVAL_TAIL = 100, 150, 200, 250
 HANDSHAKE, EXPORT, STATS, CHECKPOINT, HANDOFF = 400, 410, 420, 430, 440
 PREFLIGHT = 405  # every rank's input checks, before its heavy imports (run/preflight.py)
+# elastic runs: FedAvg through rank 0 (tensors), each round's outcome and verdict (objects), rank 0's
+# eviction notice, the end of the job
+AVERAGE, OUTCOME, EVICT, FINISH = 450, 455, 460, 470
 
 Outgoing = dict[int, list[tuple["torch.Tensor", str]]]  # destination -> [(tensor, byte kind)]
 
@@ -57,17 +61,26 @@ class Transport(Protocol):
     def send_tensors(self, phase: int, step: int, messages: Outgoing, flag: int = CONTINUE) -> None:
         """Send each destination its tensors; return once all are sent."""
 
-    def isend_tensors(self, phase: int, step: int, messages: Outgoing, flag: int = CONTINUE) -> Callable[[], None]:
-        """Start sending; returns the wait for completion (the caller computes meanwhile)."""
+    def isend_tensors(
+        self, phase: int, step: int, messages: Outgoing, flag: int = CONTINUE, give_up_s: float = 0
+    ) -> Callable[[], list[int]]:
+        """Start sending; returns the wait for completion (the caller computes meanwhile). The
+        wait returns the destinations given up on (`give_up_s` > 0: not done within it)."""
 
-    def recv_tensors(self, sources: list[int], phase: int, kinds: list[str]) -> dict[int, list[Message]]:
-        """len(kinds) tensors from each source, in whatever order the sources send; host tensors."""
+    def recv_tensors(
+        self, sources: list[int], phase: int, kinds: list[str], give_up_s: float = 0
+    ) -> dict[int, list[Message]]:
+        """len(kinds) tensors from each source, in whatever order the sources send; host tensors.
+        `give_up_s` > 0: a source not done within it is left out of the result (its receives
+        cancelled) instead of raising CommTimeout."""
 
     def send_object(self, dest: int, phase: int, obj: Any, kind: str = "control") -> int:
         """Pickle and send one object; returns its size in bytes."""
 
-    def recv_objects(self, sources: list[int], phase: int, kind: str = "control") -> dict[int, Any]:
-        """One pickled object from each source."""
+    def recv_objects(
+        self, sources: list[int], phase: int, kind: str = "control", give_up_s: float = 0
+    ) -> dict[int, Any]:
+        """One pickled object from each source (`give_up_s` as in recv_tensors)."""
 
     def recv_any(
         self, sources: list[int], phase: int, timeout_s: float, kind_of: Callable[[Any], str]
@@ -80,8 +93,15 @@ class Transport(Protocol):
     def open_clients_group(self) -> None:
         """Collective over all ranks: the clients-only group used by `allreduce_sum`."""
 
-    def allreduce_sum(self, buf: np.ndarray, world: bool = False) -> np.ndarray:
-        """float64 sum of `buf` over the clients, or over every rank with `world`."""
+    def allreduce_sum(self, buf: np.ndarray, world: bool = False, give_up_s: float = 0) -> np.ndarray | None:
+        """float64 sum of `buf` over the clients, or over every rank with `world` (None: not
+        done within `give_up_s` > 0; the collective is abandoned)."""
+
+    def evict(self, rank: int, notice: str) -> None:
+        """Elastic runs, rank 0: tell a dropped client it is out (never waited for: it may be dead)."""
+
+    def watch_eviction(self) -> None:
+        """Elastic runs, a client: every wait that lasts raises Evicted once rank 0's notice is here."""
 
 
 def timeout_message(rank: int, pending: list[int], timeout_s: float, configured: float, what: str) -> str:

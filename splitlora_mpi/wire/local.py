@@ -18,9 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CommTimeout, JobFailed
+from ..errors import CommTimeout, Evicted, JobFailed
 from ..metrics import Metrics
-from . import CONTINUE, HEADER_BYTES, SERVER, Message, Outgoing, Transport, timeout_message
+from . import CONTINUE, EVICT, HEADER_BYTES, SERVER, Message, Outgoing, Transport, timeout_message
+
+
+class Vanish(BaseException):
+    """Raised in a rank's thread to make it disappear as a killed process would: it stops
+    answering and the world is not aborted (in-process tests of elastic runs)."""
 
 
 class LocalWorld:
@@ -50,6 +55,8 @@ class LocalWorld:
         def rank_main(rank: int) -> None:
             try:
                 target(self.transport(rank, timeout_s, metrics(rank)))
+            except (Vanish, Evicted):  # gone, as a killed or evicted process: the others go on
+                pass
             except BaseException as e:  # noqa: BLE001 - handed to the caller
                 with self.cond:
                     errors.append(e)
@@ -74,28 +81,41 @@ class LocalTransport:
         self.timeout_s = timeout_s
         self.metrics = metrics
         self._rounds: dict[str, int] = defaultdict(int)  # collectives joined, per group
+        self._watching = False
 
     # ------------------------------------------------------------ waiting
 
     def _wait(
         self, ready: Callable[[], bool], pending: Callable[[], list[int]], what: str, op: str = "recv",
-        timeout_s: float = 0,
-    ) -> None:  # fmt: skip
-        """Until `ready()` (called under the world's lock), a failure elsewhere, or the deadline."""
+        timeout_s: float = 0, give_up_s: float = 0,
+    ) -> bool:  # fmt: skip
+        """Until `ready()` (called under the world's lock), a failure elsewhere, or the deadline
+        (`give_up_s` > 0: returns False then instead of raising)."""
         start = time.perf_counter()
-        timeout_s = timeout_s or self.timeout_s
+        timeout_s = give_up_s or timeout_s or self.timeout_s
         deadline = time.monotonic() + timeout_s
         cond = self.world.cond
         with cond:
             while not ready():
                 if self.world.failure:
                     raise JobFailed(f"rank {self.rank}: stopped while {what}: {self.world.failure}")
+                if self._watching and self._has(SERVER, EVICT):
+                    raise Evicted(pickle.loads(self.world.boxes[(SERVER, self.rank, EVICT)].popleft()))
                 left = deadline - time.monotonic()
                 if left <= 0:
+                    if give_up_s:
+                        return False
                     raise CommTimeout(timeout_message(self.rank, pending(), timeout_s, self.timeout_s, what))
                 cond.wait(left)
         if self.metrics.timing:
             self.metrics.comm(op, time.perf_counter() - start)
+        return True
+
+    def evict(self, rank: int, notice: str) -> None:
+        self._post(rank, EVICT, pickle.dumps(notice))
+
+    def watch_eviction(self) -> None:
+        self._watching = True
 
     def _post(self, dest: int, tag: int, item: Any) -> None:
         with self.world.cond:
@@ -119,14 +139,20 @@ class LocalTransport:
                 self.metrics.sent(dest, kind, copy.numel() * copy.element_size())
                 self._post(dest, phase + 2 * i, Message(step, copy, flag))
 
-    def isend_tensors(self, phase: int, step: int, messages: Outgoing, flag: int = CONTINUE) -> Callable[[], None]:
+    def isend_tensors(
+        self, phase: int, step: int, messages: Outgoing, flag: int = CONTINUE, give_up_s: float = 0
+    ) -> Callable[[], list[int]]:
         self.send_tensors(phase, step, messages, flag)  # buffered: complete at once
-        return lambda: None
+        return lambda: []
 
-    def recv_tensors(self, sources: list[int], phase: int, kinds: list[str]) -> dict[int, list[Message]]:
+    def recv_tensors(
+        self, sources: list[int], phase: int, kinds: list[str], give_up_s: float = 0
+    ) -> dict[int, list[Message]]:
         keys = [(s, phase + 2 * i) for s in sources for i in range(len(kinds))]
         self._wait(lambda: all(self._has(*k) for k in keys), lambda: [s for s, t in keys if not self._has(s, t)],
-                   f"receiving phase {phase}")  # fmt: skip
+                   f"receiving phase {phase}", give_up_s=give_up_s)  # fmt: skip
+        with self.world.cond:  # (given up: the sources with every tensor here)
+            sources = [s for s in sources if all(self._has(s, phase + 2 * i) for i in range(len(kinds)))]
         out: dict[int, list[Message]] = {s: [] for s in sources}
         for s in sources:
             for i, kind in enumerate(kinds):
@@ -144,11 +170,14 @@ class LocalTransport:
         self._post(dest, phase, data)
         return len(data)
 
-    def recv_objects(self, sources: list[int], phase: int, kind: str = "control") -> dict[int, Any]:
+    def recv_objects(
+        self, sources: list[int], phase: int, kind: str = "control", give_up_s: float = 0
+    ) -> dict[int, Any]:
         self._wait(lambda: all(self._has(s, phase) for s in sources),
-                   lambda: [s for s in sources if not self._has(s, phase)], f"receiving phase {phase}")  # fmt: skip
+                   lambda: [s for s in sources if not self._has(s, phase)], f"receiving phase {phase}",
+                   give_up_s=give_up_s)  # fmt: skip
         out = {}
-        for s in sources:
+        for s in [s for s in sources if self._has(s, phase)]:
             data = self._take(s, phase)
             self.metrics.received(s, kind, len(data))
             out[s] = pickle.loads(data)
@@ -167,7 +196,9 @@ class LocalTransport:
 
     # ------------------------------------------------------------ collectives
 
-    def _reduce(self, group: str, members: list[int], buf: np.ndarray, what: str, op: str) -> np.ndarray:
+    def _reduce(
+        self, group: str, members: list[int], buf: np.ndarray, what: str, op: str, give_up_s: float = 0
+    ) -> np.ndarray | None:
         """Sum of every member's `buf`, added in rank order (the same result on every member)."""
         key = (group, self._rounds[group])
         self._rounds[group] += 1
@@ -175,8 +206,10 @@ class LocalTransport:
         with world.cond:
             world.parts[key][self.rank] = np.array(buf, dtype=np.float64, copy=True)
             world.cond.notify_all()
-        self._wait(lambda: len(world.parts[key]) == len(members),
-                   lambda: [m for m in members if m not in world.parts[key]], what, op)  # fmt: skip
+        if not self._wait(lambda: len(world.parts[key]) == len(members),
+                          lambda: [m for m in members if m not in world.parts[key]], what, op,
+                          give_up_s=give_up_s):  # fmt: skip
+            return None
         with world.cond:
             parts = world.parts[key]
             out = np.array(parts[members[0]], copy=True)
@@ -193,9 +226,10 @@ class LocalTransport:
     def open_clients_group(self) -> None:
         self.barrier("forming the clients' communicator")
 
-    def allreduce_sum(self, buf: np.ndarray, world: bool = False) -> np.ndarray:
+    def allreduce_sum(self, buf: np.ndarray, world: bool = False, give_up_s: float = 0) -> np.ndarray | None:
         group, members = ("all", list(range(self.size))) if world else ("clients", list(range(1, self.size)))
         assert world or self.rank != SERVER, "the server is not in the clients' group"
         self.metrics.sent(group, "adapters", buf.nbytes)
         self.metrics.received(group, "adapters", buf.nbytes)
-        return self._reduce(group, members, buf, f"averaging adapters (Allreduce over {group})", "allreduce")
+        what = f"averaging adapters (Allreduce over {group})"
+        return self._reduce(group, members, buf, what, "allreduce", give_up_s)

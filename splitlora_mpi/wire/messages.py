@@ -127,13 +127,17 @@ class Channel:
     def send(self, phase: int, step: int, records: dict[int, Any], flag: int = CONTINUE) -> None:
         self.isend(phase, step, records, flag)()
 
-    def isend(self, phase: int, step: int, records: dict[int, Any], flag: int = CONTINUE) -> Callable[[], None]:
-        """Start sending each destination its record; returns the wait for completion."""
-        return self.transport.isend_tensors(phase, step, {d: self.encode(r) for d, r in records.items()}, flag)
+    def isend(
+        self, phase: int, step: int, records: dict[int, Any], flag: int = CONTINUE, give_up_s: float = 0
+    ) -> Callable[[], list[int]]:
+        """Start sending each destination its record; returns the wait for completion (which
+        returns the destinations given up on, see Transport.isend_tensors)."""
+        encoded = {d: self.encode(r) for d, r in records.items()}
+        return self.transport.isend_tensors(phase, step, encoded, flag, give_up_s)
 
-    def recv(self, sources: list[int], phase: int, record: type[R]) -> dict[int, Letter[R]]:
-        """One `record` from each source, in arrival order."""
-        raw = self.transport.recv_tensors(sources, phase, self.kinds(record))
+    def recv(self, sources: list[int], phase: int, record: type[R], give_up_s: float = 0) -> dict[int, Letter[R]]:
+        """One `record` from each source, in arrival order (`give_up_s`: see Transport.recv_tensors)."""
+        raw = self.transport.recv_tensors(sources, phase, self.kinds(record), give_up_s)
         return {s: Letter(msgs[0].step, msgs[0].flag, self.decode(record, msgs)) for s, msgs in raw.items()}
 
     def encode(self, record: Any) -> list[tuple[torch.Tensor, str]]:

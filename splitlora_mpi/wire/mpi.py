@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import os
 import pickle
+import socket
 import struct
 import sys
 import time
@@ -31,8 +32,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from mpi4py import MPI
 
-from ..errors import CommTimeout
-from . import CONTINUE, HEADER_BYTES, SERVER, Message, Outgoing, timeout_message
+from ..errors import CommTimeout, Evicted
+from . import CONTINUE, EVICT, HEADER_BYTES, SERVER, Message, Outgoing, timeout_message
 
 if TYPE_CHECKING:
     import torch
@@ -107,50 +108,91 @@ class MpiTransport:
         self.size = self.comm.Get_size()
         self.timeout_s = timeout_s
         self.metrics = metrics
-        node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
-        self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
-        node.Free()
+        # ranks on this host by host name, not by shared memory: an elastic launch on one host
+        # gives every rank its own hydra proxy (no shared memory), and they still share the cores
+        hosts = self.comm.allgather(socket.gethostname())
+        self.local_rank, self.local_size = hosts[: self.rank].count(hosts[self.rank]), hosts.count(hosts[self.rank])
         self._clients: MPI.Comm | None = None
         self.pool = BufferPool()  # pinned once torch is loaded and sees a GPU (launch.py)
         self._status = MPI.Status()
+        self._watching = False  # a client of an elastic run: rank 0 may evict it
+        self._abandoned: list[Any] = []  # requests given up on and what they point into (never freed)
 
     # ------------------------------------------------------------ waiting
 
     def _poll(
-        self, done: Callable[[], bool], op: str, pending: Callable[[], list[int]], what: str, timeout_s: float = 0
-    ) -> None:
+        self,
+        done: Callable[[], bool],
+        op: str,
+        pending: Callable[[], list[int]],
+        what: str,
+        timeout_s: float = 0,
+        give_up_s: float = 0,
+    ) -> bool:
         """Call `done()` until it is true: spinning for SPIN_S, then napping (a nap adds at most
-        1/8 to a wait), up to comm.timeout_s (or `timeout_s` for a wait known to span several steps)."""
+        1/8 to a wait), up to comm.timeout_s (or `timeout_s` for a wait known to span several
+        steps). `give_up_s` > 0: returns False at that deadline instead of raising."""
         start = time.perf_counter()
         if not done():
-            deadline = start + (timeout_s or self.timeout_s)
+            patience = give_up_s or timeout_s or self.timeout_s
+            deadline = start + patience
             while not done():
                 waited = time.perf_counter() - start
                 if waited < SPIN_S:
                     os.sched_yield()
                     continue
+                if self._watching:
+                    self._check_eviction()
                 if start + waited > deadline:
-                    raise CommTimeout(timeout_message(self.rank, pending(), timeout_s or self.timeout_s,
-                                                      self.timeout_s, what))  # fmt: skip
+                    if give_up_s:
+                        return False
+                    raise CommTimeout(timeout_message(self.rank, pending(), patience, self.timeout_s, what))
                 time.sleep(min(waited * NAP_FRACTION, NAP_MAX_S))
         if self.metrics.timing:
             self.metrics.comm(op, time.perf_counter() - start)
+        return True
 
-    def _wait(self, requests: list[MPI.Request], op: str, what: str, peers: list[int]) -> None:
+    def _wait(
+        self, requests: list[MPI.Request], op: str, what: str, peers: list[int], give_up_s: float = 0
+    ) -> list[int]:
+        """Until every request is done; returns the peers of the requests given up on (abandoned)."""
+
         def pending() -> list[int]:
             return [p for p, r in zip(peers, requests) if not r.Test()]
 
-        self._poll(lambda: MPI.Request.Testall(requests), op, pending, what)
+        if self._poll(lambda: MPI.Request.Testall(requests), op, pending, what, give_up_s=give_up_s):
+            return []
+        late = [(p, r) for p, r in zip(peers, requests) if not r.Test()]
+        self._abandoned += [r for _, r in late]
+        return sorted({p for p, _ in late})
 
     def barrier(self, what: str) -> None:
         self._wait([self.comm.Ibarrier()], "recv", what, [-1])
+
+    # ------------------------------------------------------------ elastic runs
+
+    def evict(self, rank: int, notice: str) -> None:
+        data = pickle.dumps(notice)
+        self._abandoned += [data, self.comm.Isend([data, MPI.BYTE], rank, EVICT)]
+
+    def watch_eviction(self) -> None:
+        self._watching = True
+
+    def _check_eviction(self) -> None:
+        status = self._status
+        if self.comm.Iprobe(SERVER, EVICT, status):
+            buf = np.empty(status.Get_count(MPI.BYTE), dtype=np.uint8)
+            self.comm.Recv([buf, MPI.BYTE], SERVER, EVICT)
+            raise Evicted(pickle.loads(buf.tobytes()))
 
     # ------------------------------------------------------------ tensors
 
     def send_tensors(self, phase: int, step: int, messages: Outgoing, flag: int = CONTINUE) -> None:
         self.isend_tensors(phase, step, messages, flag)()
 
-    def isend_tensors(self, phase: int, step: int, messages: Outgoing, flag: int = CONTINUE) -> Callable[[], None]:
+    def isend_tensors(
+        self, phase: int, step: int, messages: Outgoing, flag: int = CONTINUE, give_up_s: float = 0
+    ) -> Callable[[], list[int]]:
         requests: list[MPI.Request] = []
         peers: list[int] = []
         keep: list[Any] = []  # what the payloads point into must outlive the requests
@@ -165,9 +207,12 @@ class MpiTransport:
                 self.metrics.sent(dest, "control", HEADER_BYTES)
                 self.metrics.sent(dest, kind, tensor.nbytes)
 
-        def wait() -> None:
-            self._wait(requests, "send", f"sending phase {phase} step {step}", peers)
+        def wait() -> list[int]:
+            late = self._wait(requests, "send", f"sending phase {phase} step {step}", peers, give_up_s)
+            if late:
+                self._abandoned.append(list(keep))
             keep.clear()
+            return late
 
         return wait
 
@@ -182,7 +227,9 @@ class MpiTransport:
         t = tensor if tensor.is_contiguous() else tensor.contiguous()
         return (MPI.buffer.fromaddress(t.data_ptr(), nbytes) if nbytes else b""), t
 
-    def recv_tensors(self, sources: list[int], phase: int, kinds: list[str]) -> dict[int, list[Message]]:
+    def recv_tensors(
+        self, sources: list[int], phase: int, kinds: list[str], give_up_s: float = 0
+    ) -> dict[int, list[Message]]:
         """Headers into receives posted at once; each payload received as soon as a probe
         matches it, into a pooled buffer of its size."""
         keys = [(s, i) for s in sources for i in range(len(kinds))]
@@ -192,6 +239,7 @@ class MpiTransport:
                                        phase + 2 * i + _HEADER) for j, (s, i) in enumerate(keys)]  # fmt: skip
         unmatched = dict(enumerate(keys))
         payload_reqs: list[MPI.Request] = []
+        payload_keys: list[int] = []  # the key index of each payload request
         payloads: dict[int, np.ndarray] = {}
         status = self._status
 
@@ -202,6 +250,7 @@ class MpiTransport:
                     nbytes = status.Get_count(MPI.BYTE)
                     buf = self.pool.take((phase, s, i), nbytes)[:nbytes]
                     payload_reqs.append(message.Irecv([buf, MPI.BYTE]))
+                    payload_keys.append(j)
                     payloads[j] = buf
                     del unmatched[j]
             return not unmatched and MPI.Request.Testall(payload_reqs) and MPI.Request.Testall(header_reqs)
@@ -210,15 +259,42 @@ class MpiTransport:
             headers_due = [s for (s, _), r in zip(keys, header_reqs) if not r.Test()]
             return [s for s, _ in unmatched.values()] + headers_due + [-1] * (not MPI.Request.Testall(payload_reqs))
 
-        self._poll(done, "recv", pending, f"receiving phase {phase}")
-        out: dict[int, list[Message]] = {s: [] for s in sources}
+        late: set[int] = set()
+        if not self._poll(done, "recv", pending, f"receiving phase {phase}", give_up_s=give_up_s):
+            late = self._give_up(keys, header_reqs, unmatched, payload_keys, payload_reqs, payloads)
+        out: dict[int, list[Message]] = {s: [] for s in sources if s not in late}
         for j, (source, i) in enumerate(keys):
+            if source in late:
+                continue
             h = HEADER.unpack_from(headers, j * HEADER_BYTES)
             buf = payloads[j]
             self.metrics.received(source, "control", HEADER_BYTES)
             self.metrics.received(source, kinds[i], buf.nbytes)
             out[source].append(Message(h[0], _tensor(buf, h[1], h[3 : 3 + h[2]]), h[7]))
         return out
+
+    def _give_up(
+        self,
+        keys: list[tuple[int, int]],
+        header_reqs: list[MPI.Request],
+        unmatched: dict[int, tuple[int, int]],
+        payload_keys: list[int],
+        payload_reqs: list[MPI.Request],
+        payloads: dict[int, np.ndarray],
+    ) -> set[int]:
+        """The sources of recv_tensors not done by its deadline: their header receives cancelled,
+        their matched payload receives abandoned with their buffers (never handed out again)."""
+        late = {keys[j][0] for j in unmatched}
+        late |= {keys[j][0] for j, r in zip(payload_keys, payload_reqs) if not r.Test()}
+        late |= {s for (s, _), r in zip(keys, header_reqs) if not r.Test()}
+        for (s, _), r in zip(keys, header_reqs):
+            if s in late and r != MPI.REQUEST_NULL:
+                r.Cancel()
+                self._abandoned.append(r)
+        for j, r in zip(payload_keys, payload_reqs):
+            if keys[j][0] in late:
+                self._abandoned += [r, payloads[j]]  # (the view keeps the pool from reusing its buffer)
+        return late
 
     # ------------------------------------------------------------ control objects
 
@@ -228,21 +304,32 @@ class MpiTransport:
         self._wait([self.comm.Isend([data, MPI.BYTE], dest, phase)], "send", f"sending phase {phase}", [dest])
         return data.nbytes
 
-    def recv_objects(self, sources: list[int], phase: int, kind: str = "control") -> dict[int, Any]:
-        """Probes for each object's size."""
+    def recv_objects(
+        self, sources: list[int], phase: int, kind: str = "control", give_up_s: float = 0
+    ) -> dict[int, Any]:
+        """A matched probe sizes each object's buffer; its receive is polled like the rest (a
+        sender that dies mid-message leaves a receive that never ends, given up on with it)."""
         out: dict[int, Any] = {}
+        receiving: dict[int, tuple[MPI.Request, np.ndarray]] = {}
         status = self._status
 
         def done() -> bool:
             for source in sources:
-                if source not in out and self.comm.Iprobe(source, phase, status):
-                    buf = np.empty(status.Get_count(MPI.BYTE), dtype=np.uint8)
-                    self.comm.Recv([buf, MPI.BYTE], source, phase)
+                if source not in out and source not in receiving:
+                    message = self.comm.Improbe(source, phase, status)
+                    if message is not None:
+                        buf = np.empty(status.Get_count(MPI.BYTE), dtype=np.uint8)
+                        receiving[source] = (message.Irecv([buf, MPI.BYTE]), buf)
+            for source, (req, buf) in list(receiving.items()):
+                if req.Test():
+                    del receiving[source]
                     self.metrics.received(source, kind, buf.nbytes)
                     out[source] = pickle.loads(buf.tobytes())
             return len(out) == len(sources)
 
-        self._poll(done, "recv", lambda: [s for s in sources if s not in out], f"receiving phase {phase}")
+        pending = lambda: [s for s in sources if s not in out]  # noqa: E731
+        if not self._poll(done, "recv", pending, f"receiving phase {phase}", give_up_s=give_up_s):
+            self._abandoned += list(receiving.values())
         return out
 
     def recv_any(
@@ -270,7 +357,7 @@ class MpiTransport:
         color = MPI.UNDEFINED if self.rank == SERVER else 1
         self._clients = self.comm.Split(color, self.rank)
 
-    def allreduce_sum(self, buf: np.ndarray, world: bool = False) -> np.ndarray:
+    def allreduce_sum(self, buf: np.ndarray, world: bool = False, give_up_s: float = 0) -> np.ndarray | None:
         """One non-blocking Allreduce polled with a deadline."""
         comm, peer = (self.comm, "all") if world else (self._clients, "clients")
         assert comm is not None, "open_clients_group() first"
@@ -278,7 +365,9 @@ class MpiTransport:
         req = comm.Iallreduce([buf, MPI.DOUBLE], [out, MPI.DOUBLE], MPI.SUM)
         self.metrics.sent(peer, "adapters", buf.nbytes)
         self.metrics.received(peer, "adapters", out.nbytes)
-        self._wait([req], "allreduce", f"averaging adapters (Allreduce over {peer})", [-1])
+        if self._wait([req], "allreduce", f"averaging adapters (Allreduce over {peer})", [-1], give_up_s):
+            self._abandoned += [buf, out]
+            return None
         return out
 
 

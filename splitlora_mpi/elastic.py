@@ -1,0 +1,103 @@
+"""The elastic launch: `python -m splitlora_mpi.elastic -n 9 [--hosts FILE] [job options]`.
+
+Runs `mpiexec ... python -m splitlora_mpi [job options]` so that a client that dies, freezes
+or loses its link is dropped and the others go on (what torchrun is to torch):
+
+- hydra's auto-cleanup off (`-disable-auto-cleanup`): a rank that exits does not end the job;
+- on one host (no --hosts): each rank gets its own hydra proxy (`-launcher fork` with a hosts
+  file of distinct names), since a rank killed by a signal takes down every rank of its proxy;
+  the ranks then share no memory (MPI goes through the network stack on the host);
+- with --hosts (one proxy per host already): the file goes to mpiexec as `-f`;
+- the ranks learn they run elastic from SPLITLORA_ELASTIC=1, and rank 0 writes how the job
+  ended to SPLITLORA_STATUS_FILE. mpiexec's exit code after a loss is the dead rank's, so this
+  command exits with the job's own code from that file: 0 when it finished (over the clients
+  that answered), 1 failed, 2 bad input, 143 stopped by a signal.
+
+A frozen client (SIGSTOP) keeps mpiexec waiting for it forever: once rank 0 has written the
+status, mpiexec and every rank left get FINISH_GRACE_S to end, then are killed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .cli import OneLineParser
+from .run.launch import ELASTIC_ENV, STATUS_ENV
+
+FINISH_GRACE_S = 30.0
+
+
+def mpiexec_path() -> str:
+    """The mpiexec beside this python (pip's mpich wheel), else the one on PATH."""
+    beside = Path(sys.executable).parent / "mpiexec"
+    return str(beside) if beside.exists() else (shutil.which("mpiexec") or "mpiexec")
+
+
+def command(ranks: int, job_args: list[str], status_file: Path, hosts: Path | None, workdir: Path) -> list[str]:
+    """The mpiexec command line of an elastic job (writes the one-host hosts file into `workdir`)."""
+    if hosts is None:
+        hosts = workdir / "hosts"
+        hosts.write_text("".join(f"n{i}:1\n" for i in range(ranks)))
+        placement = ["-launcher", "fork", "-f", str(hosts)]
+    else:
+        placement = ["-f", str(hosts)]
+    return [mpiexec_path(), "-disable-auto-cleanup", *placement, "-genv", ELASTIC_ENV, "1",
+            "-genv", STATUS_ENV, str(status_file), "-n", str(ranks),
+            sys.executable, "-m", "splitlora_mpi", *job_args]  # fmt: skip
+
+
+def run(ranks: int, job_args: list[str], hosts: Path | None = None) -> int:
+    """The job's exit code (see the module docstring)."""
+    with tempfile.TemporaryDirectory(prefix="splitlora-elastic-") as tmp:
+        status_file = Path(tmp) / "status.json"
+        job = subprocess.Popen(command(ranks, job_args, status_file, hosts, Path(tmp)), start_new_session=True)
+
+        def forward(signum: int, frame: object) -> None:
+            os.killpg(job.pid, signum)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, forward)
+        ended_at = None
+        while job.poll() is None:
+            if ended_at is None and status_file.exists():
+                ended_at = time.monotonic()
+            elif ended_at is not None and time.monotonic() - ended_at > FINISH_GRACE_S:
+                print(f"elastic: ranks still running {FINISH_GRACE_S:g} s after the job ended (a frozen "
+                      "client?): killing them", file=sys.stderr, flush=True)  # fmt: skip
+                os.killpg(job.pid, signal.SIGKILL)
+                job.wait()
+                break
+            time.sleep(0.2)
+        try:
+            return int(json.loads(status_file.read_text())["exit_code"])
+        except (OSError, ValueError, KeyError):  # rank 0 never got to write it
+            return job.returncode or 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = OneLineParser(
+        prog="python -m splitlora_mpi.elastic",
+        description="Run a splitlora_mpi job that goes on over the clients that answer.",
+        epilog="Other options go to python -m splitlora_mpi (e.g. --config F --set train.steps=50).",
+    )
+    p.add_argument("-n", type=int, default=9, help="ranks: 1 server + n-1 clients (default 9)")
+    p.add_argument("--hosts", type=Path, help="hydra hosts file (several hosts); default: this host, one proxy per rank")
+    args, job_args = p.parse_known_args(argv)
+    if args.n < 2:
+        p.error(f"-n: expected at least 2 ranks (1 server + 1 client), got {args.n}")
+    if args.hosts is not None and not args.hosts.is_file():
+        p.error(f"--hosts {args.hosts}: file not found")
+    return run(args.n, job_args, args.hosts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
