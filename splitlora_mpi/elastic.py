@@ -14,7 +14,7 @@ or loses its link is dropped and the others go on (what torchrun is to torch):
   that answered), 1 failed, 2 bad input, 143 stopped by a signal.
 
 A frozen client (SIGSTOP) keeps mpiexec waiting for it forever: once rank 0 has written the
-status, mpiexec and every rank left get FINISH_GRACE_S to end, then are killed.
+status, mpiexec and every rank left get --grace seconds (default 30) to end, then are killed.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def command(ranks: int, job_args: list[str], status_file: Path, hosts: Path | No
             sys.executable, "-m", "splitlora_mpi", *job_args]  # fmt: skip
 
 
-def run(ranks: int, job_args: list[str], hosts: Path | None = None) -> int:
+def run(ranks: int, job_args: list[str], hosts: Path | None = None, grace_s: float = FINISH_GRACE_S) -> int:
     """The job's exit code (see the module docstring)."""
     with tempfile.TemporaryDirectory(prefix="splitlora-elastic-") as tmp:
         status_file = Path(tmp) / "status.json"
@@ -70,8 +70,8 @@ def run(ranks: int, job_args: list[str], hosts: Path | None = None) -> int:
         while job.poll() is None:
             if ended_at is None and status_file.exists():
                 ended_at = time.monotonic()
-            elif ended_at is not None and time.monotonic() - ended_at > FINISH_GRACE_S:
-                print(f"elastic: ranks still running {FINISH_GRACE_S:g} s after the job ended (a frozen "
+            elif ended_at is not None and time.monotonic() - ended_at > grace_s:
+                print(f"elastic: ranks still running {grace_s:g} s after the job ended (a frozen "
                       "client?): killing them", file=sys.stderr, flush=True)  # fmt: skip
                 os.killpg(job.pid, signal.SIGKILL)
                 job.wait()
@@ -91,12 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("-n", type=int, default=9, help="ranks: 1 server + n-1 clients (default 9)")
     p.add_argument("--hosts", type=Path, help="hydra hosts file (several hosts); default: this host, one proxy per rank")
+    p.add_argument("--grace", type=float, default=FINISH_GRACE_S,
+                   help="seconds the ranks get to end after rank 0 has finished (then killed: a frozen client)")
     args, job_args = p.parse_known_args(argv)
     if args.n < 2:
         p.error(f"-n: expected at least 2 ranks (1 server + 1 client), got {args.n}")
     if args.hosts is not None and not args.hosts.is_file():
         p.error(f"--hosts {args.hosts}: file not found")
-    return run(args.n, job_args, args.hosts)
+    return run(args.n, job_args, args.hosts, args.grace)
 
 
 if __name__ == "__main__":
