@@ -132,8 +132,8 @@ def test_mpijob_launches_the_server_and_clients(rendered):
     launcher = job["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]
     workers = job["mpiReplicaSpecs"]["Worker"]
     command = launcher["containers"][0]["command"]
-    assert command[:2] == ["mpirun", "-n"] and int(command[2]) == 1 + workers["replicas"]
-    assert command[3:] == ["python", "-m", "splitlora_mpi", "--config", "/etc/splitlora/config.yaml"]
+    assert command[:4] == ["python", "-m", "splitlora_mpi.elastic", "-n"] and int(command[4]) == 1 + workers["replicas"]
+    assert command[5:] == ["--hosts", "/etc/mpi/hostfile", "--config", "/etc/splitlora/config.yaml"]
     assert job["slotsPerWorker"] == 1 and job["runLauncherAsWorker"] is True and job["mpiImplementation"] == "MPICH"
     assert job["runPolicy"]["backoffLimit"] >= 1 and job["runPolicy"]["cleanPodPolicy"] == "Running"
     config_map = next(o for o in objects if o["metadata"]["name"].startswith("splitlora-config"))
@@ -171,7 +171,7 @@ def test_edge_clients_read_their_own_device_and_nothing_shared(tmp_path):
     mount = next(m for m in worker["containers"][0]["volumeMounts"] if m["name"] == "local-data")
     assert mount["readOnly"] is True
     assert "local-data" not in {v["name"] for v in launcher["volumes"]}
-    assert int(launcher["containers"][0]["command"][2]) == 1 + job["mpiReplicaSpecs"]["Worker"]["replicas"]
+    assert int(launcher["containers"][0]["command"][4]) == 1 + job["mpiReplicaSpecs"]["Worker"]["replicas"]
     from splitlora_mpi.config import load_config
 
     config_map = next(o for o in objects if o["metadata"]["name"].startswith("splitlora-config"))
