@@ -13,10 +13,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from chaos import TIMEOUT_S, ElasticJob, one_run
 from conftest import run_adapter, run_rows, run_summary
 
 from splitlora_mpi import aggregate
@@ -25,59 +25,11 @@ from splitlora_mpi.roles.client import Client
 from splitlora_mpi.run.runner import run_in_process
 from splitlora_mpi.wire.local import Vanish
 
-TIMEOUT_S = 3  # elastic.client_timeout_s of these runs
-JOB = ["--set", "train.steps=40", "--set", "train.log_every=1", "--set", "train.aggregate_every=4",
-       "--set", "train.eval_every=20", "--set", f"elastic.client_timeout_s={TIMEOUT_S}"]  # fmt: skip
-
-
-class ElasticJob:
-    """`python -m splitlora_mpi.elastic -n RANKS` in the background, watched through its outputs."""
-
-    def __init__(self, out: Path, ranks: int, *sets: str, grace_s: float = 30):
-        self.out = out
-        self.log = out.parent / f"{out.name}.log"
-        args = [a for s in sets for a in ("--set", s)]
-        cmd = [sys.executable, "-m", "splitlora_mpi.elastic", "-n", str(ranks), "--grace", str(grace_s),
-               *JOB, "--set", f"run.out_dir={out}", *args]  # fmt: skip
-        self.logfile = open(self.log, "w")
-        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-        self.proc = subprocess.Popen(cmd, stdout=self.logfile, stderr=subprocess.STDOUT, text=True, env=env)
-
-    def pid_of(self, rank: int, timeout_s: float = 120) -> int:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            found = re.search(rf"process ids by rank .*\b{rank}=(\d+)", self.log.read_text())
-            if found:
-                return int(found.group(1))
-            assert self.proc.poll() is None, self.log.read_text()
-            time.sleep(0.1)
-        raise AssertionError(f"no pid of rank {rank} within {timeout_s} s:\n{self.log.read_text()}")
-
-    def wait_for_step(self, step: int, timeout_s: float = 120) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            rows = self.out / "metrics.jsonl"
-            if rows.is_file() and len(rows.read_text().splitlines()) >= step:
-                return
-            assert self.proc.poll() is None, self.log.read_text()
-            time.sleep(0.05)
-        raise AssertionError(f"step {step} not reached within {timeout_s} s:\n{self.log.read_text()}")
-
-    def finish(self, timeout_s: float = 180) -> tuple[int, str]:
-        try:
-            code = self.proc.wait(timeout=timeout_s)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-            self.logfile.close()
-        return code, self.log.read_text()
-
-
 def fault_after(job: ElasticJob, rank: int, step: int, sig: int) -> tuple[int, float]:
     pid = job.pid_of(rank)
-    job.wait_for_step(step)
-    os.kill(pid, sig)
-    return pid, time.monotonic()
+    at = job.fault(rank, step, sig)
+    assert at is not None, job.log.read_text()
+    return pid, at
 
 
 @pytest.mark.parametrize("mode", ["splitlora", "fedlora"])
@@ -115,6 +67,14 @@ def test_a_frozen_client_is_dropped_and_the_launcher_ends_it(tmp_path):
     assert "killing them" in log  # mpiexec waits for a stopped rank forever: the launcher ends it
 
 
+@pytest.mark.parametrize("seed", [0, 4])
+def test_chaos_runs_end_complete_without_hangs(tmp_path, seed):
+    """The chaos benchmark's fixed-seed runs (benchmarks/chaos.py draws 20 of them)."""
+    row = one_run(seed, tmp_path)
+    assert not row["hang"] and row["finished"] and row["outputs_complete"], row
+    assert row["s_after_last_fault"] < TIMEOUT_S + 30, row
+
+
 def test_below_min_clients_checkpoints_and_exits_1(tmp_path):
     job = ElasticJob(tmp_path / "few", 4, "elastic.min_clients=3")
     fault_after(job, 1, 6, signal.SIGKILL)
@@ -133,7 +93,7 @@ def test_a_plain_mpirun_says_it_is_not_elastic(tmp_path):
            "--set", "train.steps=1", "--set", "train.eval_every=0"]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**os.environ, "HOME": str(tmp_path)})
     assert done.returncode == 0, done.stderr
-    assert "not elastic (a plain launch)" in done.stderr
+    assert "not elastic (a plain launch)" in done.stdout
     assert run_summary(tmp_path)["clients_lost"] == []
 
 

@@ -77,10 +77,7 @@ def run_rank(
         startup.lap("preflight")
     why_not = "a plain launch" if not elastic else mode.not_elastic(cfg)
     if transport.rank == SERVER:
-        if not mode.one_rank and why_not:
-            say(f"{mode.lead_role}: not elastic ({why_not}): a client that fails ends the job (resumable); "
-                "python -m splitlora_mpi.elastic keeps going over the clients that answer")  # fmt: skip
-        _run_lead(cfg, mode, transport, stop_requested, checked, startup, None if why_not else cfg.elastic)
+        _run_lead(cfg, mode, transport, stop_requested, checked, startup, why_not)
     else:
         _run_client(cfg, mode, transport, stop_requested, checked, startup, None if why_not else cfg.elastic)
 
@@ -95,10 +92,12 @@ def _run_lead(
     stop_requested: Callable[[], bool],
     checked: preflight.Checked,
     startup: Startup,
-    elastic: ElasticConfig | None,
+    not_elastic: str | None,
 ) -> None:
+    """`not_elastic`: why a lost client ends the job (None: an elastic run)."""
     clients = list(range(1, transport.size))
     m = transport.metrics
+    elastic = None if not_elastic else cfg.elastic
     roster = Roster(clients, transport, elastic)
     error, found, fingerprint = checked.error, None, cfg.fingerprint()
     if error is None:
@@ -122,6 +121,9 @@ def _run_lead(
     lead.meet(hellos)
     reports = hellos or {SERVER: _hello(s, lead)}  # (alone, rank 0 is its own client)
     _announce(cfg, mode, reports)
+    if clients and not_elastic:
+        print(f"{mode.lead_role}: not elastic ({not_elastic}): a client that fails ends the job (resumable); "
+              "python -m splitlora_mpi.elastic keeps going over the clients that answer", flush=True)  # fmt: skip
     saved = checkpoint.from_bytes(found.files[SERVER].read_bytes()) if found else None
     if found:  # (sent before the counters are restored: uncounted on both sides, like the client's receive)
         for c in mode.savers(cfg, found.step + 1, clients):

@@ -1,0 +1,175 @@
+"""Chaos benchmark of elastic runs: `python benchmarks/chaos.py [--runs 20] [--seed 0]`.
+
+Each run is a seeded draw: a mode (splitlora / fedlora), 1-3 faults (kill -9 or SIGSTOP of a
+distinct client, never all of them) at random steps, launched with `python -m
+splitlora_mpi.elastic`. Per run: finished or not, seconds from the last fault to the end, the
+outputs complete (the adapter loads with PeftModel.from_pretrained; the newest checkpoint's
+files match their manifest), and hangs (the launcher not done within its bound: must be 0).
+Writes benchmarks/results/chaos.json. Not yet drawn: a link cut (tests/test_multihost's
+namespaces) and a join (not built yet).
+
+`ElasticJob` is the harness tests/test_elastic.py uses too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import machine
+
+TIMEOUT_S = 3  # elastic.client_timeout_s of these runs
+JOB = ["--set", "train.steps=40", "--set", "train.log_every=1", "--set", "train.aggregate_every=4",
+       "--set", "train.eval_every=20", "--set", f"elastic.client_timeout_s={TIMEOUT_S}"]  # fmt: skip
+HANG_S = 240  # a run not done by then is a hang
+FAULTS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}
+
+
+class ElasticJob:
+    """`python -m splitlora_mpi.elastic -n RANKS` in the background, watched through its outputs."""
+
+    def __init__(self, out: Path, ranks: int, *sets: str, grace_s: float = 30):
+        self.out = out
+        self.log = out.parent / f"{out.name}.log"
+        args = [a for s in sets for a in ("--set", s)]
+        cmd = [sys.executable, "-m", "splitlora_mpi.elastic", "-n", str(ranks), "--grace", str(grace_s),
+               *JOB, "--set", f"run.out_dir={out}", *args]  # fmt: skip
+        self.logfile = open(self.log, "w")
+        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        self.proc = subprocess.Popen(cmd, stdout=self.logfile, stderr=subprocess.STDOUT, text=True, env=env)
+        self.stopped: list[int] = []
+
+    def pid_of(self, rank: int, timeout_s: float = 120) -> int:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            found = re.search(rf"process ids by rank .*\b{rank}=(\d+)", self.log.read_text())
+            if found:
+                return int(found.group(1))
+            assert self.proc.poll() is None, self.log.read_text()
+            time.sleep(0.1)
+        raise AssertionError(f"no pid of rank {rank} within {timeout_s} s:\n{self.log.read_text()}")
+
+    def wait_for_step(self, step: int, timeout_s: float = 120) -> bool:
+        """Whether metrics.jsonl reached `step` rows (False: the job ended first)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            rows = self.out / "metrics.jsonl"
+            if rows.is_file() and len(rows.read_text().splitlines()) >= step:
+                return True
+            if self.proc.poll() is not None:
+                return False
+            time.sleep(0.05)
+        raise AssertionError(f"step {step} not reached within {timeout_s} s:\n{self.log.read_text()}")
+
+    def fault(self, rank: int, step: int, sig: int) -> float | None:
+        """Send `sig` to `rank` once the job logged `step`; the time it was sent (None: too late)."""
+        pid = self.pid_of(rank)
+        if not self.wait_for_step(step):
+            return None
+        os.kill(pid, sig)
+        if sig == signal.SIGSTOP:
+            self.stopped.append(pid)
+        return time.monotonic()
+
+    def finish(self, timeout_s: float = 180) -> tuple[int | None, str]:
+        """(exit code, None on a hang; the log). Frozen clients are killed afterwards."""
+        try:
+            code: int | None = self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            code = None
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            for pid in self.stopped:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self.logfile.close()
+        return code, self.log.read_text()
+
+
+def outputs_complete(out: Path) -> bool:
+    """The adapter loads with PEFT on its base; the newest checkpoint (if any) matches its manifest."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    try:
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "base"), out / "adapter")
+    except (OSError, ValueError):
+        return False
+    from splitlora_mpi.config import load_config
+    from splitlora_mpi.run import checkpoint
+
+    if not (out / "checkpoints").exists():
+        return True
+    cfg = load_config(out / "config.yaml")
+    found, _ = checkpoint.newest_complete(out, json.loads((out / "summary.json").read_text())["world_size"],
+                                          cfg.fingerprint())  # fmt: skip
+    return found is not None
+
+
+def one_run(seed: int, work: Path, ranks: int = 5) -> dict:
+    rng = random.Random(seed)
+    mode = rng.choice(["splitlora", "fedlora"])
+    victims = rng.sample(range(1, ranks), rng.randint(1, min(3, ranks - 2)))
+    plan = sorted((rng.randint(3, 30), v, rng.choice(sorted(FAULTS))) for v in victims)
+    out = work / f"run-{seed}"
+    start = time.monotonic()
+    job = ElasticJob(out, ranks, f"run.mode={mode}", "checkpoint.every=8", f"run.seed={seed}", grace_s=5)
+    last = None
+    for step, rank, kind in plan:
+        last = job.fault(rank, step, FAULTS[kind]) or last
+    code, log = job.finish(HANG_S)
+    end = time.monotonic()
+    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
+    return {
+        "seed": seed,
+        "mode": mode,
+        "faults": [{"step": s, "rank": r, "kind": k} for s, r, k in plan],
+        "exit_code": code,
+        "hang": code is None,
+        "finished": code == 0 and summary.get("status") == "complete",
+        "clients_lost": summary.get("clients_lost"),
+        "s_after_last_fault": round(end - last, 1) if last else None,
+        "wall_s": round(end - start, 1),
+        "outputs_complete": code == 0 and outputs_complete(out),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "chaos.json")
+    args = p.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:
+        for seed in range(args.seed, args.seed + args.runs):
+            rows.append(one_run(seed, Path(tmp)))
+            print(json.dumps(rows[-1]), flush=True)
+    after = [r["s_after_last_fault"] for r in rows if r["s_after_last_fault"] is not None]
+    result = {
+        "machine": machine(),
+        "client_timeout_s": TIMEOUT_S,
+        "runs": rows,
+        "finished": sum(r["finished"] for r in rows),
+        "hangs": sum(r["hang"] for r in rows),
+        "outputs_complete": sum(r["outputs_complete"] for r in rows),
+        "max_s_after_last_fault": max(after, default=None),
+    }
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "runs"}))
+
+
+if __name__ == "__main__":
+    main()
