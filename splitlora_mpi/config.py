@@ -148,6 +148,9 @@ class TrainConfig:
         "tokens", "FedAvg weights: tokens each client trained on since the last average; uniform: the plain mean"
     )
     eval_every: int = _f(50, "steps between validation passes (0 = only at the end)", min=0)
+    clients_per_round: int = _f(
+        0, "K of the live clients train in each FedAvg round, drawn from run.seed and the round (0 = all)", min=0
+    )
     log_every: int = _f(10, "steps between progress lines and metrics.jsonl rows", min=1)
 
 

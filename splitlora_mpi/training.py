@@ -6,6 +6,7 @@ split run only by the wire in the middle.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -67,6 +68,14 @@ class PartTrainer:
         self.part.load_adapter_state(state["adapter"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
+
+    def schedule_to(self, step: int) -> None:
+        """The learning-rate schedule as if this part had stepped through `step` (a client that sat
+        rounds out follows the job's steps)."""
+        with warnings.catch_warnings():  # (stepping the schedule without the optimizer, on purpose)
+            warnings.simplefilter("ignore", UserWarning)
+            while self.schedule.last_epoch < step:
+                self.schedule.step()
 
     def step(self) -> None:
         if self.grad_clip > 0:

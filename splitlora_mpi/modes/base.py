@@ -129,6 +129,24 @@ class Mode(ABC):
         }
 
 
+def check_partial_participation(cfg: JobConfig, mode: str) -> None:
+    """train.clients_per_round: FedAvg rounds of a sample of the clients (splitlora, fedlora)."""
+    from ..errors import ConfigError
+
+    t, every = cfg.train, cfg.checkpoint.every
+    if not t.clients_per_round:
+        return
+    if mode not in ("splitlora", "fedlora"):
+        raise ConfigError(f"config key 'train.clients_per_round': run.mode {mode} has no FedAvg rounds to sample "
+                          "clients for; expected 0 (or run.mode splitlora / fedlora)")  # fmt: skip
+    if len(cfg.split.cuts()) > 1:
+        raise ConfigError("config key 'train.clients_per_round': not built for per-client split.client_layers; "
+                          "expected 0 or one cut point")  # fmt: skip
+    if every and every % t.aggregate_every:
+        raise ConfigError(f"config key 'checkpoint.every': with train.clients_per_round clients checkpoint at the end "
+                          f"of a round; expected a multiple of train.aggregate_every ({t.aggregate_every}), got {every}")  # fmt: skip
+
+
 def refuse_per_client_cuts(cfg: JobConfig) -> None:
     """One cut point per client: a splitlora rule (its server runs the blocks in between)."""
     from ..errors import ConfigError

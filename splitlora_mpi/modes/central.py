@@ -6,7 +6,7 @@ from typing import Any
 
 from ..config import CLIENT, JobConfig
 from ..errors import ConfigError
-from .base import Lead, Mode, Setup, refuse_cut_options, refuse_option
+from .base import Lead, Mode, Setup, check_partial_participation, refuse_cut_options, refuse_option
 
 
 class Central(Mode):
@@ -16,6 +16,7 @@ class Central(Mode):
     lead_reads = ("train", "val")
 
     def check_config(self, cfg: JobConfig) -> None:
+        check_partial_participation(cfg, "central")
         refuse_cut_options(cfg)
         refuse_option(cfg, "train.fedavg_weights", "uniform",
                       "weights a FedAvg, which central does not run; expected tokens")  # fmt: skip

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..config import CLIENT, JobConfig
 from ..errors import ConfigError
-from .base import ClientRole, Lead, Mode, Setup, refuse_cut_options
+from .base import ClientRole, Lead, Mode, Setup, check_partial_participation, refuse_cut_options
 
 
 class FedLoRA(Mode):
@@ -13,6 +13,7 @@ class FedLoRA(Mode):
     lead_reads = ("val",)  # rank 0 evaluates the averaged whole model
 
     def check_config(self, cfg: JobConfig) -> None:
+        check_partial_participation(cfg, "fedlora")
         refuse_cut_options(cfg)
         if CLIENT in (cfg.data.val_path or ""):
             raise ConfigError(

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..config import JobConfig
 from ..errors import ConfigError
-from .base import ClientRole, Lead, Mode, Setup, refuse_option
+from .base import ClientRole, Lead, Mode, Setup, check_partial_participation, refuse_option
 
 
 def check_cut_points(cfg: JobConfig, num_clients: int) -> None:
@@ -24,6 +24,7 @@ class SplitLoRA(Mode):
     name = "splitlora"
 
     def check_config(self, cfg: JobConfig) -> None:
+        check_partial_participation(cfg, "splitlora")
         if cfg.split.server_update == "sequential":
             if cfg.comm.micro_batches > 1:
                 refuse_option(cfg, "split.server_update", "sequential",

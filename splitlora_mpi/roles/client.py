@@ -34,6 +34,7 @@ from ..wire.messages import (
     TailReply,
     Upload,
 )
+from .participation import ClientTurns, first_step_of_round
 from .roster import ClientSum
 
 
@@ -119,8 +120,11 @@ class Client:
             LossOnTail(part, channel, cfg.train.label_smoothing) if cfg.split.label_private else LossAtServer()
         )
         self.exchange = self._micro_batches if self.micro_batches > 1 else self._whole_batch
-        self.sum = ClientSum(self.transport, elastic.client_timeout_s) if elastic else None
+        partial = 0 < cfg.train.clients_per_round < num_clients  # (FedAvg then goes through rank 0)
+        give_up_s = elastic.client_timeout_s if elastic else 0.0
+        self.sum = ClientSum(self.transport, give_up_s, relay=partial) if elastic or partial else None
         self.fedavg = functools.partial(aggregate.fedavg, allreduce_sum=self.sum or self.transport.allreduce_sum)
+        self.turns = ClientTurns(self.transport, cfg) if partial else None
         self.tokens = 0
         self.tokens_since_average = 0
 
@@ -149,13 +153,30 @@ class Client:
         """Steps start+1 .. train.steps (start > 0: resumed from a checkpoint of step `start`).
         `stop_requested()`: a signal arrived; the server then stops everyone after one step."""
         t = self.cfg.train
-        for step in range(start + 1, t.steps + 1):
+        step = start
+        while step < t.steps:
+            step += 1
+            resumed = step == start + 1 and start > 0
+            if self.turns and (first_step_of_round(step, self.cfg) or resumed) and not self.turns.trains(step):
+                step = self.turns.sit_out(step, self.trainer.schedule_to, self.take_sum,
+                                          lambda last, stopping: self.end_step(last, stopping, on_checkpoint),
+                                          on_checkpoint)  # fmt: skip
+                continue
             stopping = self.train_step(step, stop_requested())
             if is_aggregation_step(step, t):
                 self.average()
-            if is_eval_step(step, t):
-                self.evaluate(step)
-            checkpoint_or_stop(step, self.cfg.checkpoint.every, stopping, on_checkpoint)
+            self.end_step(step, stopping, on_checkpoint)
+
+    def end_step(self, step: int, stopping: bool, on_checkpoint: Callable[[int], None]) -> None:
+        """Validation when due, then the checkpoint when due or stopping."""
+        if is_eval_step(step, self.cfg.train):
+            self.evaluate(step)
+        checkpoint_or_stop(step, self.cfg.checkpoint.every, stopping, on_checkpoint)
+
+    def take_sum(self, summed: Any) -> None:
+        """An idle round's end: the FedAvg of the clients that trained (rank 0 relays its sum)."""
+        self.part.load_adapter_state(aggregate.mean_from_sum(summed, self.part.adapter_state()))
+        self.tokens_since_average = 0
 
     def train_step(self, step: int, ask_to_stop: bool = False) -> bool:
         """One step; True when the server says every rank stops after it."""

@@ -34,6 +34,7 @@ from ..training import (
     is_eval_step,
 )
 from ..wire import Transport
+from .participation import AllTrain, ClientTurns, Sampled
 from .roster import ClientSum, Roster, ServerSum
 from .whole import WholeModel
 
@@ -59,6 +60,8 @@ class _Round:
         self.steps = steps
 
     def average(self, like: aggregate.State) -> aggregate.State:
+        if self.sum[self.numel] == 0:  # (every client of the round was lost: the adapters stay)
+            return like
         return aggregate.mean_from_sum(self.sum[: self.numel + 1], like)
 
     @property
@@ -74,8 +77,9 @@ class _Round:
         return out
 
     def check_finite(self) -> None:
-        for step, loss, _ in self.per_step():
-            if not math.isfinite(loss):
+        for (step, loss, _), i in zip(self.per_step(), range(len(self.steps))):
+            targets = self.sum[self.numel + 2 + PER_STEP * i + 1]
+            if targets and not math.isfinite(loss):  # (no targets: nobody trained that step)
                 raise Diverged(step, loss)
 
 
@@ -87,8 +91,11 @@ class FedClient:
         self.parts = local.parts
         self.cfg = local.cfg
         self.transport = transport
+        partial = 0 < self.cfg.train.clients_per_round < transport.size - 1
+        give_up_s = elastic.client_timeout_s if elastic else 0.0
         world_sum = functools.partial(transport.allreduce_sum, world=True)
-        self.sum = ClientSum(transport, elastic.client_timeout_s, world=True) if elastic else world_sum
+        self.sum = ClientSum(transport, give_up_s, world=True, relay=partial) if elastic or partial else world_sum
+        self.turns = ClientTurns(transport, self.cfg) if partial else None
         self.tokens_since_average = 0
         self.eval_rows = 0  # (rank 0 evaluates the average)
 
@@ -99,6 +106,14 @@ class FedClient:
         step = start
         while step < self.cfg.train.steps:
             steps = round_steps(step, self.cfg)
+            if self.turns and not self.turns.trains(steps[0]):  # an idle round: the others' average
+                for trainer in (self.local.client, self.local.server):
+                    trainer.schedule_to(steps[-1])
+                state = self.local.adapter_state()
+                numel = sum(t.numel() for t in state.values())
+                result = _Round(self.turns.round_sum(steps[0], steps[-1]), numel, steps)
+                step = self._end_round(result, state, on_checkpoint)
+                continue
             records: list[float] = []
             diverged = False
             for step in steps:
@@ -118,11 +133,15 @@ class FedClient:
             state = self.local.adapter_state()
             w = float(self.tokens_since_average) if self.cfg.train.fedavg_weights == "tokens" else 1.0
             buf = np.concatenate([aggregate.flatten(state) * w, [w, float(stop_requested())], records])
-            result = _Round(self.sum(buf), buf.size - 2 - len(records), steps)
-            result.check_finite()
-            self.local.load_adapter_state(result.average(state))
-            self.tokens_since_average = 0
-            checkpoint_or_stop(step, self.cfg.checkpoint.every, result.stop, on_checkpoint)
+            step = self._end_round(_Round(self.sum(buf), buf.size - 2 - len(records), steps), state, on_checkpoint)
+
+    def _end_round(self, result: _Round, state: aggregate.State, on_checkpoint: Callable[[int], None]) -> int:
+        """The round's average in place, then a checkpoint when due or stopping; its last step."""
+        result.check_finite()
+        self.local.load_adapter_state(result.average(state))
+        self.tokens_since_average = 0
+        checkpoint_or_stop(result.steps[-1], self.cfg.checkpoint.every, result.stop, on_checkpoint)
+        return result.steps[-1]
 
     @property
     def tokens(self) -> int:
@@ -150,8 +169,9 @@ class FedServer:
         self.tokens = 0
         self.num_clients = transport.size - 1
         self.roster = roster or Roster(list(range(1, transport.size)), transport)
-        elastic_sum = ServerSum(self.roster, transport, world=True)
-        self.sum = elastic_sum if self.roster.elastic else lambda step, buf: transport.allreduce_sum(buf, world=True)
+        partial = 0 < cfg.train.clients_per_round < transport.size - 1
+        self.participation = Sampled(self.roster, transport, cfg) if partial else AllTrain(self.roster)
+        self.relayed = ServerSum(self.roster, transport, world=True, relay=partial) if self.roster.elastic or partial else None
 
     def meet(self, hellos: dict[int, dict[str, Any]]) -> None:
         """(Every client trains the same whole model.)"""
@@ -172,20 +192,21 @@ class FedServer:
         step = start
         while step < self.cfg.train.steps:
             steps = round_steps(step, self.cfg)
+            self.participation.begin(steps[0], resumed=steps[0] == start + 1 and start > 0)
             state = self.adapter_state()
             numel = sum(t.numel() for t in state.values())
             buf = np.zeros(numel + 2 + PER_STEP * len(steps))
             buf[numel + 1] = float(stop_requested() or self.roster.below_min)
             round_start = time.perf_counter()
-            live = len(self.roster.live)
-            result = _Round(self.sum(steps[-1], buf), numel, steps)
+            members = self.participation.members(steps[0])
+            result = _Round(self.sum(steps[-1], members, buf, numel), numel, steps)
             seconds = (time.perf_counter() - round_start) / len(steps)  # the round, seen from rank 0
             if not self.roster.live:  # (nobody's adapter in the sum)
                 self._too_few(step, on_checkpoint)
             result.check_finite()
             load_joined_adapter_state(self.parts, result.average(state))
             for s in steps:
-                self.roster.took_part(s, live)
+                self.roster.took_part(s, members)
             for step, loss, tokens in result.per_step():
                 self.tokens += tokens
                 self.transport.metrics.step(step, seconds, tokens, loss)
@@ -197,6 +218,16 @@ class FedServer:
             if result.stop and self.roster.below_min:
                 self._too_few(step, on_checkpoint)
             checkpoint_or_stop(step, self.cfg.checkpoint.every, result.stop, on_checkpoint)
+
+    def sum(self, step: int, members: list[int], buf: np.ndarray, numel: int) -> np.ndarray:
+        """The round's sum: the Allreduce of every rank, or (elastic, partial) through rank 0,
+        handed to the clients that sat the round out too."""
+        if self.relayed is None:
+            return self.transport.allreduce_sum(buf, world=True)
+        summed = self.relayed(step, members, buf)
+        assert summed is not None  # (rank 0's own buffer is in it)
+        self.participation.share(step, summed, bool(summed[numel + 1] > 0))
+        return summed
 
     def _too_few(self, step: int, on_checkpoint: Callable[[int], None]) -> None:
         try:

@@ -38,6 +38,7 @@ class Roster:
         self.live = sorted(clients)
         self.lost: list[dict[str, Any]] = []  # summary.json clients_lost: {rank, step, reason}
         self.participants: list[list[int]] = []  # summary.json: [first step, last step, clients] runs
+        self.last_ids: list[int] = []  # the clients of the last step
         self.give_up_s = elastic.client_timeout_s if elastic else 0.0
         self.min_clients = elastic.min_clients if elastic else 1
         self.transport = transport
@@ -56,12 +57,14 @@ class Roster:
     def meet(self, hellos: dict[int, dict[str, Any]]) -> None:
         self.processes = {r: (h["host"], h["pid"]) for r, h in hellos.items() if "host" in h}
 
-    def took_part(self, step: int, clients: int) -> None:
+    def took_part(self, step: int, clients: list[int]) -> None:
+        """The clients whose rows a step trained on (summary.json counts, metrics.jsonl ids)."""
+        self.last_ids = sorted(clients)
         last = self.participants[-1] if self.participants else None
-        if last and last[2] == clients and last[1] == step - 1:
+        if last and last[2] == len(clients) and last[1] == step - 1:
             last[1] = step
         else:
-            self.participants.append([step, step, clients])
+            self.participants.append([step, step, len(clients)])
 
     def too_few(self, step: int) -> TooFewClients:
         return TooFewClients(
@@ -104,11 +107,11 @@ class Roster:
 class ClientSum:
     """A client's FedAvg sum (elastic runs): the Allreduce confirmed by rank 0, or the relay."""
 
-    def __init__(self, transport: Transport, give_up_s: float, world: bool = False):
+    def __init__(self, transport: Transport, give_up_s: float, world: bool = False, relay: bool = False):
         self.transport = transport
         self.give_up_s = give_up_s
         self.world = world  # rank 0 adds its own buffer too (fedlora)
-        self.relay = False  # once a client was lost: every later round goes through rank 0
+        self.relay = relay  # from the start (partial participation), or once a client was lost
 
     def __call__(self, buf: np.ndarray) -> np.ndarray:
         t = self.transport
@@ -125,25 +128,27 @@ class ClientSum:
 class ServerSum:
     """Rank 0's part in a FedAvg round of an elastic run (see the module docstring)."""
 
-    def __init__(self, roster: Roster, transport: Transport, world: bool = False):
+    def __init__(self, roster: Roster, transport: Transport, world: bool = False, relay: bool = False):
         self.roster = roster
         self.transport = transport
         self.world = world  # rank 0's buffer is one of the Allreduce's (fedlora)
+        self.relay = relay  # every round through rank 0 (partial participation: no Allreduce of all)
 
-    def __call__(self, step: int, own: np.ndarray | None = None) -> np.ndarray | None:
-        """The round's sum (None when rank 0 is not in it and no sum passed through it)."""
+    def __call__(self, step: int, members: list[int], own: np.ndarray | None = None) -> np.ndarray | None:
+        """The sum over `members` (the live clients that trained this round); None when rank 0 is
+        not in it and nothing passed through it."""
         r, t = self.roster, self.transport
         summed = None
-        if self.world and not r.lost:
+        if self.world and not (r.lost or self.relay):
             summed = t.allreduce_sum(own, world=True, give_up_s=r.give_up_s)
-        asked = list(r.live)
-        outcomes = r.keep(asked, t.recv_objects(asked, OUTCOME, give_up_s=2 * r.give_up_s), step)
-        commit = not r.lost and all(outcomes.values()) and (summed is not None or not self.world)
-        for c in r.live:
+        outcomes = r.keep(members, t.recv_objects(members, OUTCOME, give_up_s=2 * r.give_up_s), step)
+        commit = not (r.lost or self.relay) and all(outcomes.values()) and (summed is not None or not self.world)
+        members = [c for c in members if c in r.live]
+        for c in members:
             t.send_object(c, OUTCOME, "commit" if commit else "relay")
         if commit:
             return summed
-        asked = list(r.live)
+        asked = members
         got = r.keep(asked, t.recv_tensors(asked, AVERAGE, ["adapters"], give_up_s=r.give_up_s), step)
         total = np.array(own if own is not None else 0.0, dtype=np.float64)
         for c in sorted(got):

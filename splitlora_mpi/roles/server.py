@@ -44,6 +44,7 @@ from ..wire.messages import (
     TailReply,
     Upload,
 )
+from .participation import AllTrain, Sampled
 from .roster import Roster, ServerSum
 
 Uploads = dict[int, Letter[Any]]  # client rank -> its Upload / PrivateUpload
@@ -126,9 +127,13 @@ class Server:
         self.client_adapters: dict[int, dict[str, list[int]]] | None = None
         self.client_adapter_numel = 0
         self.roster = roster or Roster(clients, channel.transport)
-        # rank 0's part in FedAvg: none (the clients' Allreduce), or per-client cut points, or elastic
-        self.aggregate: Callable[[int], Any] = ServerSum(self.roster, channel.transport) if self.roster.elastic else (
-            lambda step: None)  # fmt: skip
+        partial = 0 < cfg.train.clients_per_round < len(clients)  # (K >= N: every client, as K = 0)
+        self.participation = Sampled(self.roster, channel.transport, cfg) if partial else AllTrain(self.roster)
+        self.sum = ServerSum(self.roster, channel.transport, relay=partial)
+        # rank 0's part in FedAvg: none (the clients' Allreduce), a sum through rank 0 (elastic or
+        # partial participation), or its copies of client blocks (per-client cut points, see meet)
+        self.aggregate: Callable[[int, bool], Any] = self._sum_round if self.roster.elastic or partial else (
+            lambda step, stopping: None)  # fmt: skip
         self.tokens_since_average = dict.fromkeys(self.clients, 0)
         self.tokens = 0
 
@@ -141,7 +146,7 @@ class Server:
         self.roster.meet(hellos)
         if len(self.cfg.split.cuts()) > 1:
             self.client_adapters = {c: hellos[c]["adapter_shapes"] for c in self.clients}
-            self.aggregate = lambda step: self.average()
+            self.aggregate = lambda step, stopping: self.average()
 
     # ------------------------------------------------------------ the loop
 
@@ -151,10 +156,13 @@ class Server:
         every rank after the same step."""
         t = self.cfg.train
         for step in range(start + 1, t.steps + 1):
+            self.participation.begin(step, resumed=step == start + 1 and start > 0)
             lr = self.trainer.lr
             loss, tokens, stopping = self.train_step(step, stop_requested())
             if is_aggregation_step(step, t):
-                self.aggregate(step)
+                self.aggregate(step, stopping)
+            elif stopping:
+                self.participation.stop(step)
             val = self.evaluate(step) if is_eval_step(step, t) else None
             on_step(step, loss, tokens, lr, val)
             try:
@@ -165,14 +173,26 @@ class Server:
                 raise
 
     def active(self, step: int) -> list[int]:
-        """The live clients that send activations in `step`, in batch order: by cut point, then rank."""
-        return sorted(self.roster.live, key=lambda c: (self.cut[c], c))
+        """The clients that send activations in `step` (the live ones, or this round's draw), in
+        batch order: by cut point, then rank."""
+        return self.batch_order(self.participation.members(step))
+
+    def evaluators(self, step: int) -> list[int]:
+        """The clients that send validation rows: every live one (each holds the latest average)."""
+        return self.batch_order(self.roster.live)
+
+    def batch_order(self, clients: list[int]) -> list[int]:
+        return sorted(clients, key=lambda c: (self.cut[c], c))
+
+    def _sum_round(self, step: int, stopping: bool) -> None:
+        """FedAvg through rank 0: the sum over the clients that trained, and to the idle ones."""
+        self.participation.share(step, self.sum(step, self.participation.members(step)), stopping)
 
     def train_step(self, step: int, stop_requested: bool = False) -> tuple[float, int, bool]:
         """One step; returns (loss, tokens, whether every rank stops after it)."""
         start = time.perf_counter()
         loss, masks, stopping = self.exchange(step, self.active(step), stop_requested)
-        self.roster.took_part(step, len(masks))
+        self.roster.took_part(step, list(masks))
         per_client = {r: int(m.sum()) for r, m in masks.items()}
         for r, n in per_client.items():
             self.tokens_since_average[r] += n
@@ -262,7 +282,7 @@ class Server:
         for rank, u in uploads.items():
             if u.step != step:
                 raise RuntimeError(f"rank 0: rank {rank} sent activations of step {u.step} during step {step}")
-        order = [c for c in self.active(step) if c in uploads]
+        order = self.batch_order(list(uploads))
         h = {r: uploads[r].body.activations.requires_grad_(requires_grad) for r in order}
         inputs = []
         for cut in sorted({self.cut[r] for r in order}):
@@ -301,12 +321,12 @@ class Server:
 
     @torch.no_grad()
     def evaluate(self, step: int) -> float:
-        """Validation loss over every active client's rows, round by round (one batch per client)."""
-        active = self.active(step)
+        """Validation loss over every live client's rows, round by round (one batch per client)."""
+        active = self.evaluators(step)
         batches = {c: -(-self.eval_rows[c] // self.cfg.train.batch_size) for c in active}
         total, count = 0.0, 0
         for i in range(max(batches.values(), default=0)):
-            due = [c for c in self.active(step) if batches[c] > i]
+            due = [c for c in active if batches[c] > i and c in self.roster.live]
             uploads = self.roster.keep(due, self.channel.recv(due, EVAL, self.loss.upload, self.roster.give_up_s), step)
             if uploads:
                 out, h = self.forward(uploads, step, requires_grad=False)

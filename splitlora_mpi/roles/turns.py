@@ -27,6 +27,9 @@ class TurnServer(Server):
     def active(self, step: int) -> list[int]:
         return [self.clients[sl_owner(step, self.cfg.train, len(self.clients))]]
 
+    def evaluators(self, step: int) -> list[int]:
+        return self.active(step)  # (the client model is where the turn is)
+
     def train_step(self, step: int, stop_requested: bool = False) -> tuple[float, int, bool]:
         active = self.active(step)
         if self.last_active not in (None, active):  # a turn ended: its client reports the handoff's size
