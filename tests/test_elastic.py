@@ -21,7 +21,9 @@ from conftest import run_adapter, run_rows, run_summary
 
 from splitlora_mpi import aggregate
 from splitlora_mpi.config import load_config
+from splitlora_mpi.errors import Stopped
 from splitlora_mpi.roles.client import Client
+from splitlora_mpi.run import checkpoint
 from splitlora_mpi.run.runner import run_in_process
 from splitlora_mpi.wire.local import Vanish
 
@@ -146,3 +148,38 @@ def test_after_a_loss_fedavg_is_the_token_weighted_mean_of_the_survivors(tmp_pat
             assert all(torch.equal(seen[r][round_][3][k], expected[k]) for k in expected)
         with_lost = aggregate.weighted_mean([*states, seen[2][0][3]], [*weights, weights[0]])
         assert not all(torch.equal(with_lost[k], expected[k]) for k in expected)  # (the check can fail)
+
+
+# ---------------------------------------------------------------- resume with another number of clients
+
+
+@pytest.mark.parametrize(("before", "after"), [(4, 3), (3, 4)])
+def test_resume_with_another_number_of_clients(tmp_path, monkeypatch, before, after):
+    """Stopped after step 6 or 7 with `before` clients, resumed with `after`: the clients that had
+    a file keep their state, a new one starts from the last average (step 6's) with a fresh
+    optimizer and the schedule at the checkpoint's step, and the run completes."""
+    out = tmp_path / "run"
+    rows = out / "metrics.jsonl"
+    cfg = load_config(None, [f"run.out_dir={out}", "train.steps=12", "train.aggregate_every=3", "train.eval_every=0",
+                             "train.log_every=1", "checkpoint.every=3", "train.warmup_steps=2"])  # fmt: skip
+    with pytest.raises(Stopped):
+        run_in_process(cfg, before, stop_requested=lambda: rows.exists() and len(rows.read_text().splitlines()) >= 7)
+    found, _ = checkpoint.newest_complete(out, after + 1, cfg.fingerprint(), resizable=True)
+    assert found is not None and found.world_size == before + 1 and found.step >= 6
+    averaged = checkpoint.from_bytes(found.files[1].read_bytes())["role"]["averaged"]
+    adopted: dict[int, tuple[dict, float]] = {}
+    adopt = Client.adopt
+
+    def recorded_adopt(self, saved, step):
+        adopt(self, saved, step)
+        adopted[self.transport.rank] = ({k: v.clone() for k, v in self.part.adapter_state().items()}, self.trainer.lr)
+
+    monkeypatch.setattr(Client, "adopt", recorded_adopt)
+    run_in_process(cfg, after)
+    assert sorted(adopted) == list(range(before + 1, after + 1))  # only the new rank adopts
+    for state, lr in adopted.values():
+        assert all(torch.equal(state[k], averaged[k].to(state[k].dtype)) for k in averaged)
+        assert lr == pytest.approx(cfg.train.lr * (12 - found.step) / (12 - 2))  # the linear decay at that step
+    s = run_summary(out)
+    assert s["num_clients"] == after and [r["step"] for r in run_rows(out)][-1] == 12
+    assert len(s["tokens_by_client"]) == after

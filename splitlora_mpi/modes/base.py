@@ -50,6 +50,7 @@ class ClientRole(Protocol):
     def run(self, start: int, on_checkpoint: Callable[[int], None], stop_requested: Callable[[], bool]) -> None: ...
     def state(self) -> dict[str, Any]: ...
     def load_state(self, state: dict[str, Any]) -> None: ...
+    def adopt(self, saved: dict[str, Any], step: int) -> None: ...  # another client's checkpoint (resume)
 
 
 @dataclass
@@ -85,6 +86,7 @@ class Mode(ABC):
     lead_role: ClassVar[str] = "server"  # rank 0's name in metrics and summary.json
     lead_reads: ClassVar[tuple[str, ...]] = ()  # the data ("train", "val") rank 0's role reads
     client_reads: ClassVar[tuple[str, ...]] = ("train", "val")
+    resizable: ClassVar[bool] = False  # resumes a checkpoint written with another number of clients
 
     def check_config(self, cfg: JobConfig) -> None:
         """This mode's rules (raise ConfigError naming the key), checked when the config loads."""

@@ -10,6 +10,7 @@ from .base import ClientRole, Lead, Mode, Setup, check_partial_participation, re
 
 class FedLoRA(Mode):
     name = "fedlora"
+    resizable = True
     lead_reads = ("val",)  # rank 0 evaluates the averaged whole model
 
     def check_config(self, cfg: JobConfig) -> None:

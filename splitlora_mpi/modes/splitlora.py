@@ -22,6 +22,7 @@ def check_cut_points(cfg: JobConfig, num_clients: int) -> None:
 
 class SplitLoRA(Mode):
     name = "splitlora"
+    resizable = True
 
     def check_config(self, cfg: JobConfig) -> None:
         check_partial_participation(cfg, "splitlora")

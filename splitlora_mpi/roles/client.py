@@ -127,6 +127,7 @@ class Client:
         self.turns = ClientTurns(self.transport, cfg) if partial else None
         self.tokens = 0
         self.tokens_since_average = 0
+        self.averaged: aggregate.State | None = None  # the adapter after the last FedAvg (checkpoints)
 
     @property
     def eval_rows(self) -> int:
@@ -177,6 +178,7 @@ class Client:
         """An idle round's end: the FedAvg of the clients that trained (rank 0 relays its sum)."""
         self.part.load_adapter_state(aggregate.mean_from_sum(summed, self.part.adapter_state()))
         self.tokens_since_average = 0
+        self.averaged = {k: v.detach().cpu().clone() for k, v in self.part.adapter_state().items()}
 
     def train_step(self, step: int, ask_to_stop: bool = False) -> bool:
         """One step; True when the server says every rank stops after it."""
@@ -235,6 +237,7 @@ class Client:
         weight = float(self.tokens_since_average) if self.cfg.train.fedavg_weights == "tokens" else 1.0
         self.part.load_adapter_state(self.fedavg(self.part.adapter_state(), weight))
         self.tokens_since_average = 0
+        self.averaged = {k: v.detach().cpu().clone() for k, v in self.part.adapter_state().items()}
 
     @torch.no_grad()
     def evaluate(self, step: int) -> None:
@@ -250,10 +253,20 @@ class Client:
     def state(self) -> dict[str, Any]:
         """Everything a bit-exact resume needs from this client."""
         return {"trainer": self.trainer.state(), "sampler_position": self.sampler.position, "tokens": self.tokens,
-                "tokens_since_average": self.tokens_since_average}  # fmt: skip
+                "tokens_since_average": self.tokens_since_average, "averaged": self.averaged}  # fmt: skip
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.trainer.load_state(state["trainer"])
         self.sampler.position = state["sampler_position"]
         self.tokens = state["tokens"]
         self.tokens_since_average = state["tokens_since_average"]
+        self.averaged = state.get("averaged")  # (checkpoints before elastic runs have none)
+
+    def adopt(self, saved: dict[str, Any], step: int) -> None:
+        """A client with no state of its own in the checkpoint of `step` (the job has more clients
+        now, or it was lost before): the last averaged client adapter, a fresh optimizer and
+        sampler, the schedule at `step`."""
+        role = saved["role"]
+        self.averaged = role.get("averaged") or role["trainer"]["adapter"]
+        self.part.load_adapter_state(self.averaged)
+        self.trainer.schedule_to(step)

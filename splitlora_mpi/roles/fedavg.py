@@ -154,6 +154,14 @@ class FedClient:
         self.local.load_state(state["local"])
         self.tokens_since_average = state["tokens_since_average"]
 
+    def adopt(self, saved: dict[str, Any], step: int) -> None:
+        """A client new to the checkpoint of `step` (a round's end: every adapter is the average):
+        that adapter, a fresh optimizer and sampler, the schedule at `step`."""
+        local = saved["role"]["local"]
+        for trainer, name in ((self.local.client, "client"), (self.local.server, "server")):
+            trainer.part.load_adapter_state(local[name]["adapter"])
+            trainer.schedule_to(step)
+
 
 class FedServer:
     """Rank 0: joins each round's Allreduce with zeros, logs its steps, evaluates the average."""

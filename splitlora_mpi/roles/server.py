@@ -345,7 +345,8 @@ class Server:
     def load_state(self, state: dict[str, Any]) -> None:
         self.trainer.load_state(state["trainer"])
         self.tokens = state["tokens"]
-        self.tokens_since_average = state["tokens_since_average"]
+        saved = state["tokens_since_average"]  # (keyed by the clients of the checkpoint: there may be more now)
+        self.tokens_since_average = {c: saved.get(c, 0) for c in self.clients}
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         return self.part.adapter_state()

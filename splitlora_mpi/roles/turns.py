@@ -55,6 +55,12 @@ class TurnClient(Client):
         self.val_rows = shard(len(self.val), 1, 0)  # the one active client scores every row
         self.other_clients = [c + 1 for c in range(self.num_clients) if c != self.index]  # ranks
 
+    def adopt(self, saved: dict[str, Any], step: int) -> None:
+        """The client whose turn comes next takes over the travelling state (RNG and counts too)."""
+        self.load_state(saved["role"])
+        self.metrics.load_state(saved["metrics"])
+        torch.set_rng_state(saved["torch_rng"])
+
     def run(self, start: int, on_checkpoint: Callable[[int], None], stop_requested: Callable[[], bool]) -> None:
         """Train in this client's turns; in between, wait for the handoff of the client model
         (or the news that training ended: done, stopped or diverged)."""

@@ -78,12 +78,16 @@ def prune(out_dir: Path, keep: int) -> None:
 class Found:
     step: int
     files: dict[int, Path]
+    world_size: int
 
 
-def newest_complete(out_dir: Path, world_size: int, fingerprint: dict[str, Any]) -> tuple[Found | None, list[str]]:
+def newest_complete(
+    out_dir: Path, world_size: int, fingerprint: dict[str, Any], resizable: bool = False
+) -> tuple[Found | None, list[str]]:
     """The newest checkpoint with every rank's file matching its manifest hash, and one warning
-    per newer checkpoint skipped as incomplete or corrupt. A checkpoint from another world size
-    or config is a ConfigError: resuming it would silently train something else."""
+    per newer checkpoint skipped as incomplete or corrupt. A checkpoint from another config is
+    a ConfigError (resuming it would silently train something else), and so is one from another
+    world size unless the mode is `resizable` (a FedAvg of clients that may come and go)."""
     warnings = []
     for d in sorted(root(out_dir).glob("step-*"), reverse=True):
         manifest_path = d / MANIFEST
@@ -95,7 +99,7 @@ def newest_complete(out_dir: Path, world_size: int, fingerprint: dict[str, Any])
         except (OSError, ValueError) as e:
             warnings.append(f"skipping checkpoint {d}: unreadable {MANIFEST} ({e})")
             continue
-        if manifest["world_size"] != world_size:
+        if manifest["world_size"] != world_size and not resizable:
             raise ConfigError(
                 f"config key 'checkpoint.resume': {d} was written by {manifest['world_size']} ranks, this job has "
                 f"{world_size}; expected the same number of ranks (or checkpoint.resume: never, or another run.out_dir)"
@@ -113,7 +117,7 @@ def newest_complete(out_dir: Path, world_size: int, fingerprint: dict[str, Any])
         if bad or 0 not in files:  # (sl: only rank 0 and the client whose turn it was have state)
             warnings.append(f"skipping checkpoint {d}: rank file(s) {bad or 'missing'} do not match the manifest")
             continue
-        return Found(int(manifest["step"]), files), warnings
+        return Found(int(manifest["step"]), files, manifest["world_size"]), warnings
     return None, warnings
 
 

@@ -106,7 +106,7 @@ def _run_lead(
             fingerprint["tokenizer"] = s.tokenizer.fingerprint()
             lead = mode.lead(s)
             _serve_metrics(cfg, m, transport.local_rank)
-            found = _find_checkpoint(cfg, transport.size)
+            found = _find_checkpoint(cfg, mode, transport.size)
         except ConfigError as e:
             error = str(e)
     startup.lap("build")
@@ -126,9 +126,12 @@ def _run_lead(
               "python -m splitlora_mpi.elastic keeps going over the clients that answer", flush=True)  # fmt: skip
     saved = checkpoint.from_bytes(found.files[SERVER].read_bytes()) if found else None
     if found:  # (sent before the counters are restored: uncounted on both sides, like the client's receive)
+        _announce_resize(found, clients)
         for c in mode.savers(cfg, found.step + 1, clients):
-            source = c if c in found.files else max(found.files)  # sl: the next turn takes over the state
-            transport.send_object(c, CHECKPOINT, found.files[source].read_bytes())
+            # a rank with no file (more clients now, or lost before the checkpoint) adopts another's:
+            # sl's next turn takes over the travelling state, a FedAvg client the averaged adapter
+            source = c if c in found.files else max(found.files)
+            transport.send_object(c, CHECKPOINT, (source == c, found.files[source].read_bytes()))
         lead.load_state(saved["role"])
         m.load_state(saved["metrics"])
         torch.set_rng_state(saved["torch_rng"])
@@ -206,11 +209,15 @@ def _run_client(
         transport.watch_eviction()
     resume = verdict["resume"]
     if resume is not None and transport.rank in mode.savers(cfg, resume + 1, clients):
-        # rank 0 holds the checkpoint and sends this client its state
-        saved = checkpoint.from_bytes(transport.recv_objects([SERVER], CHECKPOINT)[SERVER])
-        role.load_state(saved["role"])
-        metrics.load_state(saved["metrics"])
-        torch.set_rng_state(saved["torch_rng"])
+        # rank 0 holds the checkpoint and sends this client its state (or another client's)
+        own, data = transport.recv_objects([SERVER], CHECKPOINT)[SERVER]
+        saved = checkpoint.from_bytes(data)
+        if own:
+            role.load_state(saved["role"])
+            metrics.load_state(saved["metrics"])
+            torch.set_rng_state(saved["torch_rng"])
+        else:
+            role.adopt(saved, resume)
 
     def on_checkpoint(step: int) -> None:
         state = {"step": step, "role": role.state(), "metrics": metrics.state(), "torch_rng": torch.get_rng_state()}
@@ -345,13 +352,23 @@ def _membership(roster: Roster) -> dict[str, Any]:
 # ---------------------------------------------------------------- checkpoints (rank 0 writes them all)
 
 
-def _find_checkpoint(cfg: JobConfig, world_size: int) -> checkpoint.Found | None:
+def _find_checkpoint(cfg: JobConfig, mode: Mode, world_size: int) -> checkpoint.Found | None:
     if cfg.checkpoint.resume != "auto":
         return None
-    found, warnings = checkpoint.newest_complete(cfg.out_dir, world_size, cfg.fingerprint())
+    found, warnings = checkpoint.newest_complete(cfg.out_dir, world_size, cfg.fingerprint(), mode.resizable)
     for warning in warnings:
         say(f"warning: {warning}")
     return found
+
+
+def _announce_resize(found: checkpoint.Found, clients: list[int]) -> None:
+    if found.world_size == len(clients) + 1:
+        return
+    kept = sorted(c for c in found.files if c in clients)
+    print(f"server: resuming a checkpoint of {found.world_size - 1} clients with {len(clients)}: clients {kept} keep "
+          "their state, the others start from the last averaged client adapter with a fresh optimizer and "
+          "sampler; shared training data is partitioned anew over the clients (examples by client above)",
+          flush=True)  # fmt: skip
 
 
 def _save_checkpoint(cfg: JobConfig, step: int, world_size: int, states: dict[int, bytes]) -> None:
