@@ -14,10 +14,12 @@ from typing import Any
 KINDS = ("activations", "gradients", "labels", "adapters", "control")
 COMM_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+LOST_REASONS = ("timeout", "killed", "stopped", "link", "evicted")  # exported at 0 from the start (on a server)
 
 
 class Metrics:
-    """Bytes and messages by (peer, kind), communication and step times, progress gauges."""
+    """Bytes and messages by (peer, kind), communication and step times, progress gauges, and
+    (on the server) clients live, lost and joined: elastic runs lose clients."""
 
     def __init__(self, rank: int = 0, role: str = "server", export: bool = False) -> None:
         """`export`: also keep the Prometheus series (to serve and/or push them)."""
@@ -25,6 +27,9 @@ class Metrics:
         self.sent_bytes: dict[tuple[str, str], int] = defaultdict(int)
         self.received_bytes: dict[tuple[str, str], int] = defaultdict(int)
         self.sent_messages: dict[tuple[str, str], int] = defaultdict(int)
+        self.live: int | None = None  # None: never set (no clients: the central baseline)
+        self.lost_by_reason: dict[str, int] = defaultdict(int)
+        self.joined = 0
         self._prom = _Prometheus(self.rank, role) if export else None
         self._server: Any = None
 
@@ -63,6 +68,24 @@ class Metrics:
     def val_loss(self, loss: float) -> None:
         if self._prom:
             self._prom.val_loss.labels(self.rank, self.role).set(loss)
+
+    def clients_live(self, n: int) -> None:
+        """The server: how many clients take part now (elastic runs lose and gain them)."""
+        self.live = n
+        if self._prom:
+            self._prom.clients_live.labels(self.rank, self.role).set(n)
+
+    def client_lost(self, reason: str) -> None:
+        """The server dropped a client; `reason` as in LOST_REASONS (any string is kept)."""
+        self.lost_by_reason[reason] += 1
+        if self._prom:
+            self._prom.clients_lost.labels(self.rank, self.role, reason).inc()
+
+    def client_joined(self) -> None:
+        """A client joined the running job."""
+        self.joined += 1
+        if self._prom:
+            self._prom.clients_joined.labels(self.rank, self.role).inc()
 
     # ------------------------------------------------------------ reading
 
@@ -154,6 +177,17 @@ class _Prometheus:
         # loss series appear only on ranks that compute a loss (the server, central): labels() on first set
         self.train_loss = Gauge("splitlora_train_loss", "Training loss of the last step", labels, registry=r)
         self.val_loss = Gauge("splitlora_val_loss", "Last validation loss", labels, registry=r)
+        # clients live, lost, joined: the server's. Live appears on first set; on a server the counters exist
+        # at 0 from the start, so that increase() sees the first loss or join (a series born at 1 shows none)
+        self.clients_live = Gauge("splitlora_clients_live", "Clients taking part in training", labels, registry=r)
+        self.clients_lost = Counter("splitlora_clients_lost", "Clients lost, by reason", [*labels, "reason"],
+                                    registry=r)  # fmt: skip
+        self.clients_joined = Counter("splitlora_clients_joined", "Clients that joined a running job", labels,
+                                      registry=r)  # fmt: skip
+        if role == "server":
+            for reason in LOST_REASONS:
+                self.clients_lost.labels(*mine, reason)
+            self.clients_joined.labels(*mine)
         self._mine = mine
         self._sent: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._received: dict[tuple[str, str], Any] = {}

@@ -7,9 +7,12 @@ import json
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -19,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from splitlora_mpi.config import load_config
 from splitlora_mpi.data import packaged_data_paths, read_examples
-from splitlora_mpi.metrics import KINDS, Metrics
+from splitlora_mpi.metrics import KINDS, LOST_REASONS, Metrics
 
 REPO = Path(__file__).resolve().parent.parent
 MONITORING = REPO / "k8s" / "base" / "monitoring"
@@ -111,6 +114,70 @@ def test_endpoint_serves_the_same_exact_counts():
     assert "process_resident_memory_bytes" in families
 
 
+def _served(m: Metrics) -> dict:
+    port = free_port()
+    m.serve("127.0.0.1", port)
+    try:
+        return {f.name: f for f in text_string_to_metric_families(_get(f"http://127.0.0.1:{port}/metrics"))}
+    finally:
+        m.stop()
+
+
+def _totals(family) -> list[tuple[dict, float]]:
+    return sorted(((s.labels, s.value) for s in family.samples if s.name.endswith("_total")),
+                  key=lambda x: sorted(x[0].items()))  # fmt: skip
+
+
+def test_client_counts_are_kept_without_prometheus():
+    """In a fresh interpreter: the plain counts (for summary.json), and prometheus_client never imported."""
+    code = """
+import json, sys
+from splitlora_mpi.metrics import Metrics
+m = Metrics(rank=0, role="server")
+before = [m.live, dict(m.lost_by_reason), m.joined]
+m.clients_live(4)
+m.client_lost("timeout"); m.client_lost("killed"); m.client_lost("timeout")
+m.client_joined()
+m.clients_live(3)
+print(json.dumps([before, [m.live, m.lost_by_reason, m.joined], "prometheus_client" in sys.modules]))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == [[None, {}, 0], [3, {"timeout": 2, "killed": 1}, 1], False]
+
+
+def test_endpoint_serves_the_client_series():
+    server = Metrics(rank=0, role="server", export=True)
+    before = _served(server)
+    mine = {"rank": "0", "role": "server"}
+    # the counters exist at 0 from the start (so that increase() sees the first loss); live once set
+    assert _totals(before["splitlora_clients_lost"]) == sorted(
+        (({**mine, "reason": r}, 0.0) for r in LOST_REASONS), key=lambda x: sorted(x[0].items())
+    )
+    assert _totals(before["splitlora_clients_joined"]) == [(mine, 0.0)]
+    assert not before["splitlora_clients_live"].samples
+
+    server.clients_live(4)
+    for reason in ("timeout", "evicted", "timeout", "preempted"):  # any reason string is a series
+        server.client_lost(reason)
+    server.client_joined()
+    server.client_joined()
+    server.clients_live(3)
+    after = _served(server)
+    lost = dict.fromkeys(LOST_REASONS, 0.0) | {"timeout": 2.0, "evicted": 1.0, "preempted": 1.0}
+    assert _totals(after["splitlora_clients_lost"]) == sorted(
+        (({**mine, "reason": r}, n) for r, n in lost.items()), key=lambda x: sorted(x[0].items())
+    )
+    assert _totals(after["splitlora_clients_joined"]) == [(mine, 2.0)]
+    assert [(s.labels, s.value) for s in after["splitlora_clients_live"].samples] == [(mine, 3.0)]
+    assert (server.live, server.joined) == (3, 2)
+    assert server.lost_by_reason == {"timeout": 2, "evicted": 1, "preempted": 1}
+
+    client = _served(Metrics(rank=1, role="client", export=True))  # the server's series only
+    for name in ("splitlora_clients_lost", "splitlora_clients_joined", "splitlora_clients_live"):
+        assert not client[name].samples, name
+
+
 def test_port_in_use_is_a_clear_exit_2(tmp_path):
     base = free_port(RANKS)
     with socket.socket() as blocker:
@@ -129,16 +196,15 @@ def test_port_in_use_is_a_clear_exit_2(tmp_path):
 # ---------------------------------------------------------------- a real Prometheus
 
 
-@pytest.fixture(scope="module")
-def scraped(tmp_path_factory):
-    """A Prometheus (1 s scrapes, the alert rules loaded) watching a real `mpirun -n 3` job."""
-    tmp = tmp_path_factory.mktemp("prom")
-    base, prom_port = free_port(RANKS), free_port()
+@contextmanager
+def _prometheus(tmp: Path, ports: list[int]) -> Iterator[str]:
+    """A Prometheus (1 s scrapes, the alert rules loaded) scraping 127.0.0.1:ports as job splitlora; its URL."""
+    prom_port = free_port()
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(MONITORING / "alerts.yaml")],
         "scrape_configs": [
-            {"job_name": "splitlora", "static_configs": [{"targets": [f"127.0.0.1:{base + i}" for i in range(RANKS)]}]}
+            {"job_name": "splitlora", "static_configs": [{"targets": [f"127.0.0.1:{port}" for port in ports]}]}
         ],
     }
     (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
@@ -150,6 +216,18 @@ def scraped(tmp_path_factory):
     url = f"http://127.0.0.1:{prom_port}"
     try:
         _wait_until_ready(f"{url}/-/ready", prom, "prometheus")
+        yield url
+    finally:
+        prom.terminate()
+        prom.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def scraped(tmp_path_factory):
+    """A Prometheus watching a real `mpirun -n 3` job."""
+    tmp = tmp_path_factory.mktemp("prom")
+    base = free_port(RANKS)
+    with _prometheus(tmp, [base + i for i in range(RANKS)]) as url:
         started = time.time()
         r = run_cmd(
             splitlora(
@@ -163,9 +241,6 @@ def scraped(tmp_path_factory):
         )  # fmt: skip
         assert r.returncode == 0, r.stderr[-3000:]
         yield url, _last_time_all_up(url, started, time.time()), tmp / "run"
-    finally:
-        prom.terminate()
-        prom.wait(timeout=30)
 
 
 def _last_time_all_up(url: str, start: float, end: float) -> float:
@@ -198,6 +273,13 @@ def test_every_rank_serves_every_series(scraped):
         assert set(_by(query(url, f"count by (rank) ({metric})", at), "rank")) == everyone, metric
     for metric in ("splitlora_train_loss", "splitlora_val_loss"):  # computed where the loss is: the server
         assert set(_by(query(url, metric, at), "rank")) == {"0"}, metric
+    # the server's client series: every client live, none lost or joined
+    assert _by(query(url, "splitlora_clients_live", at), "rank") == {"0": float(RANKS - 1)}
+    lost = query(url, "splitlora_clients_lost_total", at)
+    assert {(r["metric"]["rank"], r["metric"]["reason"], float(r["value"][1])) for r in lost} == {
+        ("0", reason, 0.0) for reason in LOST_REASONS
+    }
+    assert _by(query(url, "splitlora_clients_joined_total", at), "rank") == {"0": 0.0}
     roles = _by(query(url, "count by (role) (splitlora_step)", at), "role")
     assert roles == {"server": 1.0, "client": 2.0}
     assert set(_by(query(url, "count by (op) (splitlora_comm_seconds_count)", at), "op")) == {
@@ -242,6 +324,50 @@ def test_every_dashboard_panel_returns_data(scraped):
     assert not empty, empty
 
 
+def _wait_for(what: str, check, timeout: float = 30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if result := check():
+            return result
+        time.sleep(0.5)
+    raise TimeoutError(what)
+
+
+def test_clients_panel_and_alert_on_an_elastic_server(tmp_path):
+    """A server's endpoint scraped by a real Prometheus while it loses a client and another joins:
+    every target of the clients panel, and SplitLoRAClientLost firing for that reason only."""
+    server, port = Metrics(rank=0, role="server", export=True), free_port()
+    server.serve("127.0.0.1", port)
+    try:
+        with _prometheus(tmp_path, [port]) as url:
+            server.clients_live(3)
+            _wait_for("two scrapes of the counters at 0", lambda: query(
+                url, "count_over_time(splitlora_clients_lost_total[1m]) >= 2", time.time()))  # fmt: skip
+            server.client_lost("timeout")
+            server.clients_live(2)
+            server.client_joined()
+            server.clients_live(3)
+            firing = _wait_for("SplitLoRAClientLost", lambda: [
+                a for a in json.loads(_get(f"{url}/api/v1/alerts"))["data"]["alerts"]
+                if a["labels"]["alertname"] == "SplitLoRAClientLost" and a["state"] == "firing"])  # fmt: skip
+            at = time.time()
+            panel = next(p for p in _dashboard()["panels"] if p["title"] == "Clients live / lost / joined")
+            live, lost, joined = (query(url, _concrete(t["expr"]), at) for t in panel["targets"])
+    finally:
+        server.stop()
+    assert [float(r["value"][1]) for r in live] == [3.0]
+    lost_by_reason = _by(lost, "reason")
+    assert set(lost_by_reason) == set(LOST_REASONS) and lost_by_reason["timeout"] > 0
+    assert all(lost_by_reason[r] == 0 for r in LOST_REASONS if r != "timeout"), lost_by_reason
+    assert len(joined) == 1 and float(joined[0]["value"][1]) > 0
+    assert [a["labels"] for a in firing] == [
+        {"alertname": "SplitLoRAClientLost", "job": "splitlora", "instance": f"127.0.0.1:{port}",
+         "rank": "0", "role": "server", "reason": "timeout", "severity": "warning"}
+    ]  # fmt: skip
+    summary = firing[0]["annotations"]["summary"]
+    assert summary == "server rank 0 of splitlora lost a client (timeout) in the last 10 minutes"
+
+
 def test_dashboard_variables_have_values(scraped):
     url, _, _ = scraped
     for var in _dashboard()["templating"]["list"]:
@@ -258,7 +384,7 @@ def test_alert_rules_load_and_evaluate(scraped):
     url, _, _ = scraped
     groups = json.loads(_get(f"{url}/api/v1/rules"))["data"]["groups"]
     rules = [r for g in groups for r in g["rules"]]
-    assert len(rules) == 7 and all(r["health"] == "ok" for r in rules), rules
+    assert len(rules) == 8 and all(r["health"] == "ok" for r in rules), rules
 
 
 # ---------------------------------------------------------------- rules and dashboard files
