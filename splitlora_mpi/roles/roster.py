@@ -57,6 +57,14 @@ class Roster:
     def meet(self, hellos: dict[int, dict[str, Any]]) -> None:
         self.processes = {r: (h["host"], h["pid"]) for r, h in hellos.items() if "host" in h}
 
+    def state(self) -> dict[str, Any]:
+        """What a resumed run's summary.json continues: the losses and participants so far."""
+        return {"lost": self.lost, "participants": self.participants}
+
+    def load_state(self, state: dict[str, Any] | None) -> None:
+        if state:  # (a checkpoint from before elastic runs has none)
+            self.lost, self.participants = state["lost"], state["participants"]
+
     def took_part(self, step: int, clients: list[int]) -> None:
         """The clients whose rows a step trained on (summary.json counts, metrics.jsonl ids)."""
         self.last_ids = sorted(clients)

@@ -133,6 +133,7 @@ def _run_lead(
             source = c if c in found.files else max(found.files)
             transport.send_object(c, CHECKPOINT, (source == c, found.files[source].read_bytes()))
         lead.load_state(saved["role"])
+        roster.load_state(saved.get("roster"))
         m.load_state(saved["metrics"])
         torch.set_rng_state(saved["torch_rng"])
         print(f"{mode.lead_role}: resuming from {checkpoint.step_dir(cfg.out_dir, saved['step'])}", flush=True)
@@ -143,7 +144,7 @@ def _run_lead(
 
     def on_checkpoint(step: int) -> None:
         state = {"step": step, "role": lead.state(), "log": log.state(), "metrics": m.state(),
-                 "torch_rng": torch.get_rng_state()}  # fmt: skip
+                 "torch_rng": torch.get_rng_state(), "roster": roster.state()}  # fmt: skip
         savers = mode.savers(cfg, step, roster.live)
         states = {SERVER: checkpoint.to_bytes(state),
                   **roster.keep(savers, transport.recv_objects(savers, CHECKPOINT, give_up_s=roster.give_up_s), step)}
@@ -151,10 +152,12 @@ def _run_lead(
 
     lead.run(on_step, found.step if found else 0, on_checkpoint, stop_requested)
     state = lead.adapter_state()
-    before = m.received_from_ranks()
-    stats, adapter = _client_reports(cfg, mode, transport, roster)
+    adapter = _client_adapter(cfg, mode, transport, roster)
     if adapter is not None:
         state = {**{k: torch.from_numpy(v) for k, v in adapter.items()}, **state}
+    before = m.received_from_ranks()
+    stats = roster.keep(roster.live, transport.recv_objects(roster.live, STATS, give_up_s=roster.give_up_s),
+                        cfg.train.steps)  # fmt: skip
     write_model_outputs(cfg, s.config, lead.parts[-1], state)
     by_kind = m.sent_by_kind()  # summary: every rank's sends, by kind
     for st in stats.values():
@@ -328,19 +331,15 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _client_reports(
-    cfg: JobConfig, mode: Mode, transport: Transport, roster: Roster
-) -> tuple[dict[int, Any], dict[str, Any] | None]:
-    """Every live client's end-of-run statistics, and the client-side adapter if a client holds
-    it: from the mode's exporter, or (elastic) from the first live client, as every live one sends it."""
+def _client_adapter(cfg: JobConfig, mode: Mode, transport: Transport, roster: Roster) -> dict[str, Any] | None:
+    """The client-side adapter if a client holds it: from the mode's exporter, or (elastic) from
+    the first live client, as every live one sends it (the exporter may be lost meanwhile)."""
     exporter = mode.exporter(cfg, roster.live)
-    adapter = None
-    if exporter is not None:
-        senders = list(roster.live) if roster.elastic else [exporter]
-        got = roster.keep(senders, transport.recv_objects(senders, EXPORT, "adapters", roster.give_up_s), cfg.train.steps)
-        adapter = got[min(got)] if got else None
-    live = list(roster.live)
-    return roster.keep(live, transport.recv_objects(live, STATS, give_up_s=roster.give_up_s), cfg.train.steps), adapter
+    if exporter is None:
+        return None
+    senders = list(roster.live) if roster.elastic else [exporter]
+    got = roster.keep(senders, transport.recv_objects(senders, EXPORT, "adapters", roster.give_up_s), cfg.train.steps)
+    return got[min(got)] if got else None
 
 
 def _membership(roster: Roster) -> dict[str, Any]:
