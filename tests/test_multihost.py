@@ -168,3 +168,37 @@ def _cmdline(pid: str) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
     except OSError:
         return ""
+
+
+def test_elastic_job_drops_a_client_whose_link_is_cut(tmp_path):
+    """An elastic job over 3 client hosts: one client's link goes down mid-run; rank 0 drops it
+    after elastic.client_timeout_s and finishes with the other two. The cut client leaves alone:
+    with the link back it reads its eviction notice, or (rank 0 had ended before the notice could
+    cross) it gives up on rank 0 after comm.timeout_s; mpiexec waits for its proxy until then."""
+    out = tmp_path / "run"
+    args = netns.splitlora(f"run.out_dir={out}", "train.steps=30", "train.log_every=1", "train.aggregate_every=2",
+                           "train.eval_every=10", "elastic.client_timeout_s=3", "comm.timeout_s=30")  # fmt: skip
+    cut: list[float] = []
+    with netns.network(3) as net:
+
+        def cut_then_restore() -> None:
+            rows = out / "metrics.jsonl"
+            if not cut and rows.is_file() and len(rows.read_text().splitlines()) >= 5:
+                net.set_link("slm-c2", up=False)
+                cut.append(time.monotonic())
+            elif cut and len(cut) == 1 and (out / "summary.json").is_file():
+                cut.append(time.monotonic())  # rank 0 has finished: the link comes back
+                net.set_link("slm-c2", up=True)
+
+        cmd = net.mpirun(args, env={**netns.TRANSPORT_ENV, "SPLITLORA_ELASTIC": "1"})
+        job = net.run([cmd[0], "-disable-auto-cleanup", *cmd[1:]], timeout=240, every=cut_then_restore)
+        ended = time.monotonic()
+    assert len(cut) == 2, f"{job.stdout[-2000:]}\n{job.stderr[-2000:]}"
+    print(f"link down -> rank 0 done: {cut[1] - cut[0]:.1f} s; link up -> mpiexec done: {ended - cut[1]:.1f} s "
+          f"(job {job.wall_s:.1f} s)")  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["steps"] == 30
+    assert [(x["rank"], x["reason"]) for x in summary["clients_lost"]] == [(2, "timeout")], summary["clients_lost"]
+    assert "finished 30 steps with 2 of 3 clients" in job.stdout, job.stdout[-2000:]
+    assert "rank 2: evicted" in job.stderr or "rank 2: no answer from rank(s) [0]" in job.stderr, job.stderr[-2000:]
+    assert "error: rank 0" not in job.stderr and "Traceback" not in job.stderr, job.stderr[-2000:]
