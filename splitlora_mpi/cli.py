@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="override one config key; repeatable; values parse as YAML scalars",
     )
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("--join", action="store_true",
+                   help="join the running elastic job of this config as a new client (run.out_dir/join/port "
+                        "must be readable here); as a singleton or under mpirun -n 1")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -91,9 +94,9 @@ def _run(args: argparse.Namespace, rank: int, elastic: bool) -> int:
             if rank == 0:
                 print(cfg.to_yaml(), end="")
             return 0
-        from .run.launch import run
+        from .run.launch import run, run_joining
 
-        run(cfg)
+        (run_joining if args.join else run)(cfg)
         return 0
     except ConfigError as e:
         if rank == 0:

@@ -16,7 +16,7 @@ import time
 
 import pytest
 import torch
-from chaos import TIMEOUT_S, ElasticJob, one_run
+from chaos import JOB, TIMEOUT_S, ElasticJob, one_run
 from conftest import run_adapter, run_rows, run_summary
 
 from splitlora_mpi import aggregate
@@ -75,6 +75,37 @@ def test_chaos_runs_end_complete_without_hangs(tmp_path, seed):
     row = one_run(seed, tmp_path)
     assert not row["hang"] and row["finished"] and row["outputs_complete"], row
     assert row["s_after_last_fault"] < TIMEOUT_S + 30, row
+
+
+def test_a_client_joins_a_running_job(tmp_path):
+    """3 clients with their own files; a 4th process started mid-run with `--join` (a singleton,
+    no mpirun) gets id 4, trains from the next round on its own file, and counts in FedAvg."""
+    from splitlora_mpi.data import packaged_data_paths
+
+    train, val = (p.read_text().splitlines() for p in packaged_data_paths())
+    data = tmp_path / "data"
+    data.mkdir()
+    for c in range(1, 5):
+        (data / f"train-{c}.txt").write_text("\n".join(train[(c - 1) * 200 : c * 200]) + "\n")
+        (data / f"val-{c}.txt").write_text("\n".join(val[(c - 1) * 20 : c * 20]) + "\n")
+    sets = ["train.steps=200", f"data.train_path={data}/train-{{client}}.txt", f"data.val_path={data}/val-{{client}}.txt"]
+    job = ElasticJob(tmp_path / "joined", 4, *sets)
+    job.wait_for_step(10)
+    assert (job.out / "join" / "port").is_file()
+    joiner = subprocess.run([sys.executable, "-m", "splitlora_mpi", "--join", *JOB, "--set", f"run.out_dir={job.out}",
+                             *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})  # fmt: skip
+    code, log = job.finish()
+    assert joiner.returncode == 0, joiner.stderr[-3000:]
+    assert code == 0, log
+    assert "client 4: joined at step" in joiner.stdout
+    s = run_summary(job.out)
+    [joined] = s["clients_joined"]
+    assert joined["rank"] == 4 and 10 <= joined["step"] < 200, s["clients_joined"]
+    assert s["num_clients"] == 4 and len(s["tokens_by_client"]) == 4 and min(s["tokens_by_client"]) > 0
+    first = -(-joined["step"] // 4) * 4 + 1  # the first step of the next round (aggregate_every 4)
+    assert s["participants"][-1] == [first, 200, 4], s["participants"]
+    assert not (job.out / "join" / "port").exists()  # (nobody can join a finished job)
 
 
 def test_below_min_clients_checkpoints_and_exits_1(tmp_path):

@@ -96,6 +96,10 @@ class Mode(ABC):
         """This mode's rules on the number of clients, checked by every rank before its heavy imports."""
         return None
 
+    def takes_joins(self, cfg: JobConfig) -> bool:
+        """Whether a client may join this job while it runs (its data must be its own)."""
+        return False
+
     def not_elastic(self, cfg: JobConfig) -> str | None:
         """Why this mode with this config cannot go on without a lost client (None: it can)."""
         return f"run.mode {self.name} is not elastic yet"

@@ -51,6 +51,10 @@ class SplitLoRA(Mode):
         on = [k for k, v in options.items() if v]
         return f"{on[0]} is not elastic yet" if on else None
 
+    def takes_joins(self, cfg: JobConfig) -> bool:
+        """A joining client trains on its own data ({client} paths or data.partition local)."""
+        return cfg.data.scheme == "local"
+
     def lead(self, s: Setup) -> Lead:
         from ..roles.server import Server
 

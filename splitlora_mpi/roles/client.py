@@ -21,7 +21,7 @@ from ..errors import Diverged
 from ..model import SplitPart
 from ..privacy import privatize
 from ..training import PartTrainer, checkpoint_or_stop, is_aggregation_step, is_eval_step, lm_loss_sum
-from ..wire import CONTINUE, DIVERGED, EVAL, EVAL_TAIL, LOST, SERVER, STOP, TAIL, TRAIN
+from ..wire import CONTINUE, DIVERGED, EVAL, EVAL_TAIL, RELAY, SERVER, STOP, TAIL, TRAIN
 from ..wire.messages import (
     Channel,
     EvalSums,
@@ -227,10 +227,10 @@ class Client:
             raise RuntimeError(f"rank {self.transport.rank}: gradient for step {reply.step} arrived at step {step}")
         if reply.flag == DIVERGED:  # the server reports it (exit 2)
             raise Diverged(step, float("nan"))
-        if reply.flag & LOST and self.sum is not None:  # a client was lost: no Allreduce that cannot end
+        if reply.flag & RELAY and self.sum is not None:  # a client was lost or joined: no Allreduce of all
             self.sum.relay = True
         h.backward(reply.body.gradient)
-        return reply.flag & ~LOST
+        return reply.flag & ~RELAY
 
     def average(self) -> None:
         """FedAvg of the client adapters (one Allreduce), weighted by train.fedavg_weights."""

@@ -123,18 +123,18 @@ class ClientTurns:
 
     def sit_out(self, step: int, schedule_to: Callable[[int], None], take_sum: Callable[[np.ndarray], None],
                 after_round: Callable[[int, bool], None], on_checkpoint: Callable[[int], None]) -> int:  # fmt: skip
-        """An idle round from `step`: `schedule_to(last)` moves the schedule over its steps; then the
-        round's sum (to `take_sum`, then `after_round(last step, stopping)`: evaluation, checkpoint)
-        or a stop in the middle (a checkpoint, then Stopped). Returns the round's last step."""
-        last = round_end(step, self.cfg)
-        schedule_to(last)
-        word, (at, summed, stopping) = self._word(step, last)
+        """Idle from `step` until rank 0's next word: a round's sum (to `take_sum`, then
+        `after_round(its last step, stopping)`: evaluation, checkpoint) or a stop in the middle
+        (a checkpoint, then Stopped); `schedule_to` moves the schedule over the steps sat out.
+        Returns the step the word was for (a joining client may sit out more than one round)."""
+        word, (at, summed, stopping) = self._word(step, round_end(step, self.cfg))
+        schedule_to(at)
         if word == "stop":
             on_checkpoint(at)
             raise Stopped(at)
         take_sum(summed)
-        after_round(last, stopping)
-        return last
+        after_round(at, stopping)
+        return at
 
     def round_sum(self, first: int, last: int) -> np.ndarray:
         """fedlora: an idle round's FedAvg sum (its stop flag and losses inside)."""

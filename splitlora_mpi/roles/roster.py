@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,7 @@ import torch
 from ..config import ElasticConfig
 from ..errors import TooFewClients
 from ..fsutil import say
-from ..wire import AVERAGE, OUTCOME, SERVER, Transport
+from ..wire import AVERAGE, OUTCOME, ROUND, SERVER, Transport
 
 
 class Roster:
@@ -38,6 +39,10 @@ class Roster:
         self.live = sorted(clients)
         self.lost: list[dict[str, Any]] = []  # summary.json clients_lost: {rank, step, reason}
         self.participants: list[list[int]] = []  # summary.json: [first step, last step, clients] runs
+        self.joined: list[dict[str, int]] = []  # summary.json clients_joined: {rank, step}
+        self.joining: list[int] = []  # joined, waiting for the end of the round to get the average
+        self.admit: Callable[[int], dict[int, dict[str, Any]]] = lambda step: {}  # run/join.py, elastic runs
+        self.on_admit: Callable[[int, dict[str, Any]], None] = lambda rank, hello: None  # the lead role's
         self.last_ids: list[int] = []  # the clients of the last step
         self.give_up_s = elastic.client_timeout_s if elastic else 0.0
         self.min_clients = elastic.min_clients if elastic else 1
@@ -51,6 +56,28 @@ class Roster:
         return self.give_up_s > 0
 
     @property
+    def relaying(self) -> bool:
+        """Whether FedAvg goes through rank 0: the clients' Allreduce lacks a lost or joined client."""
+        return bool(self.lost or self.joined)
+
+    def begin(self, step: int) -> None:
+        """Between steps: the clients that asked to join are connected and handshaken."""
+        for rank, hello in self.admit(step).items():
+            self.joined.append({"rank": rank, "step": step})
+            self.joining.append(rank)
+            self.processes[rank] = (hello["host"], hello["pid"])
+            self.on_admit(rank, hello)
+            self.transport.metrics.client_joined()
+
+    def welcome(self, step: int, summed: np.ndarray | None, stopping: bool) -> None:
+        """The end of a round: the clients that joined during it get its sum and are live from now on."""
+        for rank in self.joining:
+            self.transport.send_object(rank, ROUND, ("sum", (step, summed, stopping)), kind="adapters")
+        self.live = sorted(self.live + self.joining)
+        self.joining = []
+        self.transport.metrics.clients_live(len(self.live))
+
+    @property
     def below_min(self) -> bool:
         return len(self.live) < self.min_clients
 
@@ -58,12 +85,12 @@ class Roster:
         self.processes = {r: (h["host"], h["pid"]) for r, h in hellos.items() if "host" in h}
 
     def state(self) -> dict[str, Any]:
-        """What a resumed run's summary.json continues: the losses and participants so far."""
-        return {"lost": self.lost, "participants": self.participants}
+        """What a resumed run's summary.json continues: the losses, joins and participants so far."""
+        return {"lost": self.lost, "joined": self.joined, "participants": self.participants}
 
     def load_state(self, state: dict[str, Any] | None) -> None:
         if state:  # (a checkpoint from before elastic runs has none)
-            self.lost, self.participants = state["lost"], state["participants"]
+            self.lost, self.joined, self.participants = state["lost"], state["joined"], state["participants"]
 
     def took_part(self, step: int, clients: list[int]) -> None:
         """The clients whose rows a step trained on (summary.json counts, metrics.jsonl ids)."""
@@ -147,10 +174,10 @@ class ServerSum:
         not in it and nothing passed through it."""
         r, t = self.roster, self.transport
         summed = None
-        if self.world and not (r.lost or self.relay):
+        if self.world and not (r.relaying or self.relay):
             summed = t.allreduce_sum(own, world=True, give_up_s=r.give_up_s)
         outcomes = r.keep(members, t.recv_objects(members, OUTCOME, give_up_s=2 * r.give_up_s), step)
-        commit = not (r.lost or self.relay) and all(outcomes.values()) and (summed is not None or not self.world)
+        commit = not (r.relaying or self.relay) and all(outcomes.values()) and (summed is not None or not self.world)
         members = [c for c in members if c in r.live]
         for c in members:
             t.send_object(c, OUTCOME, "commit" if commit else "relay")

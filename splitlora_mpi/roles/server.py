@@ -30,7 +30,7 @@ from ..training import (
     is_eval_step,
     lm_loss_sum,
 )
-from ..wire import CONTINUE, DIVERGED, EVAL, EVAL_TAIL, LOST, STOP, TAIL, TRAIN
+from ..wire import CONTINUE, DIVERGED, EVAL, EVAL_TAIL, RELAY, STOP, TAIL, TRAIN
 from ..wire.messages import (
     Channel,
     EvalSums,
@@ -127,6 +127,7 @@ class Server:
         self.client_adapters: dict[int, dict[str, list[int]]] | None = None
         self.client_adapter_numel = 0
         self.roster = roster or Roster(clients, channel.transport)
+        self.roster.on_admit = self.admit
         partial = 0 < cfg.train.clients_per_round < len(clients)  # (K >= N: every client, as K = 0)
         self.participation = Sampled(self.roster, channel.transport, cfg) if partial else AllTrain(self.roster)
         self.sum = ServerSum(self.roster, channel.transport, relay=partial)
@@ -156,6 +157,7 @@ class Server:
         every rank after the same step."""
         t = self.cfg.train
         for step in range(start + 1, t.steps + 1):
+            self.roster.begin(step)
             self.participation.begin(step, resumed=step == start + 1 and start > 0)
             lr = self.trainer.lr
             loss, tokens, stopping = self.train_step(step, stop_requested())
@@ -185,8 +187,17 @@ class Server:
         return sorted(clients, key=lambda c: (self.cut[c], c))
 
     def _sum_round(self, step: int, stopping: bool) -> None:
-        """FedAvg through rank 0: the sum over the clients that trained, and to the idle ones."""
-        self.participation.share(step, self.sum(step, self.participation.members(step)), stopping)
+        """FedAvg through rank 0: the sum over the clients that trained, and to the idle ones and
+        the ones that joined during the round."""
+        summed = self.sum(step, self.participation.members(step))
+        self.participation.share(step, summed, stopping)
+        self.roster.welcome(step, summed, stopping)
+
+    def admit(self, rank: int, hello: dict[str, Any]) -> None:
+        """A client that joined the running job (one cut point: it enters where the others do)."""
+        self.cut[rank] = self.cfg.split.cut_of(0)
+        self.eval_rows[rank] = hello["eval_rows"]
+        self.tokens_since_average[rank] = 0
 
     def train_step(self, step: int, stop_requested: bool = False) -> tuple[float, int, bool]:
         """One step; returns (loss, tokens, whether every rank stops after it)."""
@@ -294,9 +305,9 @@ class Server:
 
     def reply(self, step: int, grads: dict[int, torch.Tensor], flag: int, wait: bool = True) -> Callable[[], None]:
         """Each client the gradient of the activations it sent; returns the wait for completion.
-        After a loss every reply carries LOST (the clients' FedAvg then goes through rank 0)."""
+        After a loss or a join every reply carries RELAY (the clients' FedAvg goes through rank 0)."""
         roster = self.roster
-        flag |= LOST if roster.lost else 0
+        flag |= RELAY if roster.relaying else 0
         records = {c: GradientReply(g) for c, g in grads.items()}
         sending = self.channel.isend(TRAIN, step, records, flag, roster.give_up_s)
 

@@ -87,6 +87,35 @@ def run(cfg: JobConfig) -> None:
     runner.start(cfg, transport, metrics, _STOP.is_set, checked, startup)
 
 
+def run_joining(cfg: JobConfig) -> None:
+    """A client joining a running elastic job (run/join.py): connect, learn its id, check its
+    input, then the same client as at start-up from the next round on."""
+    startup = Startup(process_age_s())
+    mode = mode_of(cfg.run.mode)
+    if not mode.takes_joins(cfg):
+        raise ConfigError(
+            f"--join: a {mode.name} job with data.partition {cfg.data.scheme} takes no joining clients; expected "
+            "run.mode splitlora with each client's own data ({client} paths or data.partition local)"
+        )
+    from ..wire import HANDSHAKE
+    from ..wire.mpi import MpiTransport
+    from .join import connect
+
+    _catch_stop_signals(-1)
+    _quiet_libraries()
+    from . import runner  # (before connecting: rank 0 then waits less for this client's hello)
+
+    startup.lap("import")
+    transport = MpiTransport(cfg.comm.timeout_s, Metrics(-1, "client"), joined=(connect(cfg), -1, 0))
+    word = transport.recv_objects([SERVER], HANDSHAKE)[SERVER]
+    transport.rank, transport.size = word["rank"], word["size"]
+    transport.metrics = Metrics(word["rank"], "client", export=exported(cfg))
+    print(f"client {word['rank']}: joined at step {word['step']}; training from the next round", flush=True)
+    checked = preflight.check(cfg, mode, transport.rank, transport.size)
+    startup.lap("preflight")
+    runner.start(cfg, transport, transport.metrics, _STOP.is_set, checked, startup, joined_at=word["step"])
+
+
 def exported(cfg: JobConfig) -> bool:
     """Whether this job's metrics leave the ranks (served and/or pushed)."""
     return cfg.metrics.enabled or cfg.metrics.pushgateway is not None

@@ -21,12 +21,14 @@ from ..metrics import Metrics
 from ..model import hf_config
 from ..modes import Mode, mode_of
 from ..modes.base import ClientRole, Lead, Setup
+from ..roles.participation import ClientTurns
 from ..roles.roster import Roster
 from ..wire import CHECKPOINT, EXPORT, FINISH, SERVER, STATS, Transport
 from ..wire.local import LocalWorld
 from ..wire.messages import Channel
 from . import checkpoint, preflight
 from .handshake import client_handshake, server_handshake
+from .join import JoinDesk
 from .launch import Startup, elastic_launch
 from .outputs import holdings, summary, write_model_outputs
 from .runlog import RunLog
@@ -39,12 +41,16 @@ def start(
     stop_requested: Callable[[], bool],
     checked: preflight.Checked,
     startup: Startup,
+    joined_at: int | None = None,
 ) -> None:
     """This rank after its preflight (launch.run), on `transport` (None: a one-rank mode's
-    in-process transport)."""
+    in-process transport). `joined_at`: a client that joined the running job (launch.run_joining)."""
     if transport is None:
         transport = LocalWorld(1).transport(0, cfg.comm.timeout_s, metrics)
     _set_threads(transport.local_size)
+    if joined_at is not None:
+        _run_client(cfg, mode_of(cfg.run.mode), transport, stop_requested, checked, startup, cfg.elastic, joined_at)
+        return
     run_rank(cfg, transport, stop_requested, checked, startup, elastic_launch())
 
 
@@ -150,7 +156,14 @@ def _run_lead(
                   **roster.keep(savers, transport.recv_objects(savers, CHECKPOINT, give_up_s=roster.give_up_s), step)}
         _save_checkpoint(cfg, step, transport.size, states)
 
+    desk = None
+    if roster.elastic and mode.takes_joins(cfg):
+        share = lambda hellos: {"resume": None, **mode.share(cfg, hellos)}  # noqa: E731
+        desk = JoinDesk(cfg, transport, fingerprint, transport.size, share)
+        roster.admit = desk.admit
     lead.run(on_step, found.step if found else 0, on_checkpoint, stop_requested)
+    if desk is not None:
+        desk.close()
     state = lead.adapter_state()
     adapter = _client_adapter(cfg, mode, transport, roster)
     if adapter is not None:
@@ -166,7 +179,7 @@ def _run_lead(
     parts = {"0": holdings(mode.lead_role, lead.parts), **{str(c): stats[c]["holdings"] for c in stats}}
     examples = [{"examples": h["train_rows"], "tokens": h["train_tokens"]} for _, h in sorted(reports.items())]
     startup_s = {"0": startup.report(), **{str(c): stats[c]["startup_s"] for c in stats}}
-    facts = {**mode.summary(lead, stats, _peak_rss_mb()), "num_clients": len(clients) or 1}
+    facts = {**mode.summary(lead, stats, _peak_rss_mb()), "num_clients": len(clients) + len(roster.joined) or 1}
     log.close(summary(cfg, log, transport.size, bytes=by_kind, **facts, examples_by_client=examples,
                       model_parts=parts, startup_s=startup_s, **_membership(roster)))  # fmt: skip
     if roster.lost:
@@ -189,7 +202,9 @@ def _run_client(
     checked: preflight.Checked,
     startup: Startup,
     elastic: ElasticConfig | None,
+    joined_at: int | None = None,
 ) -> None:
+    """`joined_at`: the step during which this client joined the running job (run/join.py)."""
     clients = list(range(1, transport.size))
     metrics = transport.metrics
     hello: dict[str, Any] = {}
@@ -207,7 +222,8 @@ def _run_client(
     verdict = client_handshake(transport, fingerprint, hello, error)
     startup.lap("handshake")
     role.accept(verdict)
-    transport.open_clients_group()
+    if joined_at is None:
+        transport.open_clients_group()
     if elastic:
         transport.watch_eviction()
     resume = verdict["resume"]
@@ -226,6 +242,10 @@ def _run_client(
         state = {"step": step, "role": role.state(), "metrics": metrics.state(), "torch_rng": torch.get_rng_state()}
         transport.send_object(SERVER, CHECKPOINT, checkpoint.to_bytes(state))
 
+    if joined_at is not None:  # the rest of the round idle, then its average: training from the next one
+        resume = ClientTurns(transport, cfg).sit_out(joined_at, role.trainer.schedule_to, role.take_sum,
+                                                     lambda last, stop: role.end_step(last, stop, on_checkpoint),
+                                                     on_checkpoint)  # fmt: skip
     role.run(resume or 0, on_checkpoint, stop_requested)
     if transport.rank == mode.exporter(cfg, clients) or (elastic and mode.exporter(cfg, clients)):
         # (elastic: every client, rank 0 takes the first live one's)
@@ -344,7 +364,7 @@ def _client_adapter(cfg: JobConfig, mode: Mode, transport: Transport, roster: Ro
 
 def _membership(roster: Roster) -> dict[str, Any]:
     """summary.json: how the job ended and who took part (DESIGN §4)."""
-    return {"status": "complete", "clients_lost": roster.lost, "clients_joined": [],
+    return {"status": "complete", "clients_lost": roster.lost, "clients_joined": roster.joined,
             "participants": roster.participants}  # fmt: skip
 
 

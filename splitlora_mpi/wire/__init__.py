@@ -26,7 +26,7 @@ HEADER_BYTES = 64  # 8 x int64: step, dtype, ndim, 4 dims, flag
 # the flag of a tensor message: on an upload, the client asks to stop (it got SIGTERM/SIGINT);
 # on a gradient reply, what every client does after this step
 CONTINUE, DIVERGED, STOP = 0, 1, 2
-LOST = 4  # a bit on a gradient reply (elastic runs): a client was lost, FedAvg goes through rank 0 from now on
+RELAY = 4  # a bit on a gradient reply (elastic runs): a client was lost or joined, FedAvg goes through rank 0
 
 # phase tags: a message's tag is phase + 2 x (index of the tensor in the message) + header/payload;
 # TAIL / EVAL_TAIL: label privacy, the server's output to the client's tail and what comes back

@@ -61,6 +61,11 @@ def world_rank() -> int:
     return MPI.COMM_WORLD.Get_rank()
 
 
+def connect(port: str) -> MPI.Intercomm:
+    """A joining client's connection to rank 0 (which accepts it once it sees the request)."""
+    return MPI.COMM_SELF.Connect(port)
+
+
 def abort(code: int) -> None:
     """Kill every rank: an uncaught error must never leave the others blocked."""
     MPI.COMM_WORLD.Abort(code)
@@ -100,18 +105,26 @@ class BufferPool:
 
 
 class MpiTransport:
-    """`Transport` over MPI.COMM_WORLD; FedAvg over a clients-only communicator."""
+    """`Transport` over MPI.COMM_WORLD; FedAvg over a clients-only communicator. A client that
+    joined a running job (`joined`) talks to rank 0 alone, over the intercommunicator of its
+    connection, as the client id rank 0 gave it."""
 
-    def __init__(self, timeout_s: float, metrics: Metrics):
-        self.comm = MPI.COMM_WORLD
-        self.rank = self.comm.Get_rank()
-        self.size = self.comm.Get_size()
+    def __init__(self, timeout_s: float, metrics: Metrics, joined: tuple[MPI.Intercomm, int, int] | None = None):
+        """`joined`: (intercommunicator to rank 0, this client's id, the job's size)."""
+        self.comm = MPI.COMM_WORLD if joined is None else joined[0]
+        self.rank = self.comm.Get_rank() if joined is None else joined[1]
+        self.size = self.comm.Get_size() if joined is None else joined[2]
         self.timeout_s = timeout_s
         self.metrics = metrics
-        # ranks on this host by host name, not by shared memory: an elastic launch on one host
-        # gives every rank its own hydra proxy (no shared memory), and they still share the cores
-        hosts = self.comm.allgather(socket.gethostname())
-        self.local_rank, self.local_size = hosts[: self.rank].count(hosts[self.rank]), hosts.count(hosts[self.rank])
+        self._peers: dict[int, tuple[MPI.Comm, int]] = {}  # rank 0: joined clients, by id
+        if joined is None:
+            # ranks on this host by host name, not by shared memory: an elastic launch on one host
+            # gives every rank its own hydra proxy (no shared memory), and they still share the cores
+            hosts = self.comm.allgather(socket.gethostname())
+            self.local_rank = hosts[: self.rank].count(hosts[self.rank])
+            self.local_size = hosts.count(hosts[self.rank])
+        else:
+            self.local_rank, self.local_size = 0, 1
         self._clients: MPI.Comm | None = None
         self.pool = BufferPool()  # pinned once torch is loaded and sees a GPU (launch.py)
         self._status = MPI.Status()
@@ -171,9 +184,23 @@ class MpiTransport:
 
     # ------------------------------------------------------------ elastic runs
 
+    def _at(self, peer: int) -> tuple[MPI.Comm, int]:
+        """The communicator and rank that reach `peer` (a joined client: its intercommunicator)."""
+        return self._peers.get(peer) or (self.comm, peer)
+
+    def open_port(self) -> str:
+        """Rank 0: the port a joining client connects to."""
+        return MPI.Open_port()
+
+    def accept(self, port: str, peer: int) -> None:
+        """Rank 0: the connection of a client that asked to join (it is connecting now), as `peer`."""
+        self._peers[peer] = (MPI.COMM_SELF.Accept(port), 0)
+        self.size = max(self.size, peer + 1)
+
     def evict(self, rank: int, notice: str) -> None:
         data = pickle.dumps(notice)
-        self._abandoned += [data, self.comm.Isend([data, MPI.BYTE], rank, EVICT)]
+        comm, r = self._at(rank)
+        self._abandoned += [data, comm.Isend([data, MPI.BYTE], r, EVICT)]
 
     def watch_eviction(self) -> None:
         self._watching = True
@@ -201,8 +228,9 @@ class MpiTransport:
                 payload, owner = self._payload(("send", phase, dest, i), tensor)
                 keep.append(owner)
                 tag = phase + 2 * i
-                requests.append(self.comm.Isend(payload, dest, tag + _PAYLOAD))
-                requests.append(self.comm.Isend(_header(step, tensor, flag), dest, tag + _HEADER))
+                comm, r = self._at(dest)
+                requests.append(comm.Isend(payload, r, tag + _PAYLOAD))
+                requests.append(comm.Isend(_header(step, tensor, flag), r, tag + _HEADER))
                 peers += [dest, dest]
                 self.metrics.sent(dest, "control", HEADER_BYTES)
                 self.metrics.sent(dest, kind, tensor.nbytes)
@@ -235,8 +263,9 @@ class MpiTransport:
         keys = [(s, i) for s in sources for i in range(len(kinds))]
         headers = bytearray(len(keys) * HEADER_BYTES)
         view = memoryview(headers)
-        header_reqs = [self.comm.Irecv([view[j * HEADER_BYTES : (j + 1) * HEADER_BYTES], MPI.BYTE], s,
-                                       phase + 2 * i + _HEADER) for j, (s, i) in enumerate(keys)]  # fmt: skip
+        routes = {s: self._at(s) for s in sources}
+        header_reqs = [routes[s][0].Irecv([view[j * HEADER_BYTES : (j + 1) * HEADER_BYTES], MPI.BYTE], routes[s][1],
+                                          phase + 2 * i + _HEADER) for j, (s, i) in enumerate(keys)]  # fmt: skip
         unmatched = dict(enumerate(keys))
         payload_reqs: list[MPI.Request] = []
         payload_keys: list[int] = []  # the key index of each payload request
@@ -245,7 +274,8 @@ class MpiTransport:
 
         def done() -> bool:
             for j, (s, i) in list(unmatched.items()):
-                message = self.comm.Improbe(s, phase + 2 * i + _PAYLOAD, status)
+                comm, r = routes[s]
+                message = comm.Improbe(r, phase + 2 * i + _PAYLOAD, status)
                 if message is not None:
                     nbytes = status.Get_count(MPI.BYTE)
                     buf = self.pool.take((phase, s, i), nbytes)[:nbytes]
@@ -301,7 +331,8 @@ class MpiTransport:
     def send_object(self, dest: int, phase: int, obj: Any, kind: str = "control") -> int:
         data = np.frombuffer(pickle.dumps(obj), dtype=np.uint8)
         self.metrics.sent(dest, kind, data.nbytes)
-        self._wait([self.comm.Isend([data, MPI.BYTE], dest, phase)], "send", f"sending phase {phase}", [dest])
+        comm, r = self._at(dest)
+        self._wait([comm.Isend([data, MPI.BYTE], r, phase)], "send", f"sending phase {phase}", [dest])
         return data.nbytes
 
     def recv_objects(
@@ -316,7 +347,8 @@ class MpiTransport:
         def done() -> bool:
             for source in sources:
                 if source not in out and source not in receiving:
-                    message = self.comm.Improbe(source, phase, status)
+                    comm, r = self._at(source)
+                    message = comm.Improbe(r, phase, status)
                     if message is not None:
                         buf = np.empty(status.Get_count(MPI.BYTE), dtype=np.uint8)
                         receiving[source] = (message.Irecv([buf, MPI.BYTE]), buf)
