@@ -35,6 +35,7 @@ def test_k_of_n_is_reproducible_and_idle_clients_do_no_work(tmp_path, mode):
     assert not same_adapter(run_adapter(a), run_adapter(full))
     s, s_full = run_summary(a), run_summary(full)
     assert s["participants"] == [[1, 12, 2]]
+    assert all(len(r["clients"]) == 2 for r in run_rows(a)) and "clients" not in run_rows(full)[0]
     # 4 rounds x 2 of 4 clients: half the tokens of the full run, some clients idle in some rounds
     assert sum(s["tokens_by_client"]) < 0.6 * sum(s_full["tokens_by_client"])
     assert min(s["tokens_by_client"]) < min(s_full["tokens_by_client"])

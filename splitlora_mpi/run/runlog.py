@@ -42,7 +42,9 @@ class RunLog:
     def wall_s(self) -> float:
         return time.perf_counter() - self.t0
 
-    def step(self, step: int, loss: float, tokens: int, lr: float, val_loss: float | None, sent_bytes: int) -> None:
+    def step(self, step: int, loss: float, tokens: int, lr: float, val_loss: float | None, sent_bytes: int,
+             clients: list[int] | None = None) -> None:  # fmt: skip
+        """`clients`: the ids of the clients the step trained on (elastic runs, partial participation)."""
         self.last_step = step
         self._losses.append(loss)
         self.tokens += tokens
@@ -64,6 +66,8 @@ class RunLog:
         }
         if val_loss is not None:
             row["val_loss"] = val_loss
+        if clients is not None:
+            row["clients"] = clients
         self._jsonl.write(json.dumps(row) + "\n")
         self._jsonl.flush()
         val = f" | val {val_loss:.4f}" if val_loss is not None else ""

@@ -145,8 +145,11 @@ def _run_lead(
         print(f"{mode.lead_role}: resuming from {checkpoint.step_dir(cfg.out_dir, saved['step'])}", flush=True)
     log = RunLog(cfg.out_dir, cfg.to_yaml(), cfg.train.steps, cfg.train.log_every, saved["log"] if saved else None)
 
+    changing = roster.elastic or 0 < cfg.train.clients_per_round < len(clients)  # (who trains may change)
+
     def on_step(step: int, loss: float, tokens: int, lr: float, val: float | None) -> None:
-        log.step(step, loss, tokens, lr, val, m.total_sent() + m.received_from_ranks() + lead.client_peer_bytes(step))
+        sent = m.total_sent() + m.received_from_ranks() + lead.client_peer_bytes(step)
+        log.step(step, loss, tokens, lr, val, sent, roster.last_ids if changing else None)
 
     def on_checkpoint(step: int) -> None:
         state = {"step": step, "role": lead.state(), "log": log.state(), "metrics": m.state(),
