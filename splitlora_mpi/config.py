@@ -167,11 +167,15 @@ class CommConfig:
 
 @dataclass
 class ElasticConfig:
-    min_clients: int = _f(1, "under an elastic launch: fewer live clients than this writes a checkpoint and stops "
-                             "(exit 1)", min=1)
+    min_clients: int = _f(
+        1, "under an elastic launch: fewer live clients than this writes a checkpoint and stops (exit 1)", min=1
+    )
     client_timeout_s: float = _f(
-        60.0, "under an elastic launch: a client silent this long within a step or round is dropped and the "
-        "others go on (a plain mpirun ends the job after comm.timeout_s instead)", gt=0)
+        60.0,
+        "under an elastic launch: a client silent this long within a step or round is dropped and the "
+        "others go on (a plain mpirun ends the job after comm.timeout_s instead)",
+        gt=0,
+    )
 
 
 @dataclass

@@ -19,7 +19,6 @@ status, mpiexec and every rank left get --grace seconds (default 30) to end, the
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -90,9 +89,14 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Other options go to python -m splitlora_mpi (e.g. --config F --set train.steps=50).",
     )
     p.add_argument("-n", type=int, default=9, help="ranks: 1 server + n-1 clients (default 9)")
-    p.add_argument("--hosts", type=Path, help="hydra hosts file (several hosts); default: this host, one proxy per rank")
-    p.add_argument("--grace", type=float, default=FINISH_GRACE_S,
-                   help="seconds the ranks get to end after rank 0 has finished (then killed: a frozen client)")
+    p.add_argument("--hosts", type=Path,
+                   help="hydra hosts file (several hosts); default: this host, one proxy per rank")  # fmt: skip
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=FINISH_GRACE_S,
+        help="seconds the ranks get to end after rank 0 has finished (then killed: a frozen client)",
+    )
     args, job_args = p.parse_known_args(argv)
     if args.n < 2:
         p.error(f"-n: expected at least 2 ranks (1 server + 1 client), got {args.n}")

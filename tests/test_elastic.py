@@ -27,6 +27,7 @@ from splitlora_mpi.run import checkpoint
 from splitlora_mpi.run.runner import run_in_process
 from splitlora_mpi.wire.local import Vanish
 
+
 def fault_after(job: ElasticJob, rank: int, step: int, sig: int) -> tuple[int, float]:
     pid = job.pid_of(rank)
     at = job.fault(rank, step, sig)
@@ -88,7 +89,11 @@ def test_a_client_joins_a_running_job(tmp_path):
     for c in range(1, 5):
         (data / f"train-{c}.txt").write_text("\n".join(train[(c - 1) * 200 : c * 200]) + "\n")
         (data / f"val-{c}.txt").write_text("\n".join(val[(c - 1) * 20 : c * 20]) + "\n")
-    sets = ["train.steps=200", f"data.train_path={data}/train-{{client}}.txt", f"data.val_path={data}/val-{{client}}.txt"]
+    sets = [
+        "train.steps=200",
+        f"data.train_path={data}/train-{{client}}.txt",
+        f"data.val_path={data}/val-{{client}}.txt",
+    ]
     job = ElasticJob(tmp_path / "joined", 4, *sets)
     job.wait_for_step(10)
     assert (job.out / "join" / "port").is_file()

@@ -149,8 +149,9 @@ def check_partial_participation(cfg: JobConfig, mode: str) -> None:
         raise ConfigError("config key 'train.clients_per_round': not built for per-client split.client_layers; "
                           "expected 0 or one cut point")  # fmt: skip
     if every and every % t.aggregate_every:
-        raise ConfigError(f"config key 'checkpoint.every': with train.clients_per_round clients checkpoint at the end "
-                          f"of a round; expected a multiple of train.aggregate_every ({t.aggregate_every}), got {every}")  # fmt: skip
+        raise ConfigError(f"config key 'checkpoint.every': with train.clients_per_round clients checkpoint at the "
+                          f"end of a round; expected a multiple of train.aggregate_every ({t.aggregate_every}), "
+                          f"got {every}")  # fmt: skip
 
 
 def refuse_per_client_cuts(cfg: JobConfig) -> None:

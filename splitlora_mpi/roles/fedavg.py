@@ -179,7 +179,8 @@ class FedServer:
         self.roster = roster or Roster(list(range(1, transport.size)), transport)
         partial = 0 < cfg.train.clients_per_round < transport.size - 1
         self.participation = Sampled(self.roster, transport, cfg) if partial else AllTrain(self.roster)
-        self.relayed = ServerSum(self.roster, transport, world=True, relay=partial) if self.roster.elastic or partial else None
+        relayed = self.roster.elastic or partial
+        self.relayed = ServerSum(self.roster, transport, world=True, relay=partial) if relayed else None
 
     def meet(self, hellos: dict[int, dict[str, Any]]) -> None:
         """(Every client trains the same whole model.)"""

@@ -17,7 +17,6 @@ through rank 0: each live client sends its contribution, rank 0 adds them in ran
 
 from __future__ import annotations
 
-import os
 import socket
 from collections.abc import Callable
 from typing import Any

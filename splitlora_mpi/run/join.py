@@ -8,8 +8,8 @@ MPI traffic until someone connects) and gives the client the next free id. The c
 its part with that id (its data is its own `{client}` path or local file) and sends the same
 hello as at start-up; rank 0 checks it between later steps without waiting for it (the
 fingerprint, the tokenizer) and answers. The client then waits for the end of the round,
-takes the round's average from rank 0 and trains from the next round on. The port file is the only rendezvous: the joiner
-needs to read it (same host, a shared volume, or a copy).
+takes the round's average from rank 0 and trains from the next round on. The port file is the
+only rendezvous: the joiner needs to read it (same host, a shared volume, or a copy).
 """
 
 from __future__ import annotations

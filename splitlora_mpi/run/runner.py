@@ -155,8 +155,10 @@ def _run_lead(
         state = {"step": step, "role": lead.state(), "log": log.state(), "metrics": m.state(),
                  "torch_rng": torch.get_rng_state(), "roster": roster.state()}  # fmt: skip
         savers = mode.savers(cfg, step, roster.live)
-        states = {SERVER: checkpoint.to_bytes(state),
-                  **roster.keep(savers, transport.recv_objects(savers, CHECKPOINT, give_up_s=roster.give_up_s), step)}
+        states = {
+            SERVER: checkpoint.to_bytes(state),
+            **roster.keep(savers, transport.recv_objects(savers, CHECKPOINT, give_up_s=roster.give_up_s), step),
+        }
         _save_checkpoint(cfg, step, transport.size, states)
 
     desk = None

@@ -36,7 +36,7 @@ PREFLIGHT = 405  # every rank's input checks, before its heavy imports (run/pref
 # elastic runs: FedAvg through rank 0 (tensors), each round's outcome and verdict (objects), rank 0's
 # eviction notice, the end of the job
 AVERAGE, OUTCOME, EVICT, FINISH = 450, 455, 460, 470
-ROUND = 480  # train.clients_per_round: rank 0 tells each live client whether it trains this round, and an idle one the round's end
+ROUND = 480  # rank 0 to a client: whether it trains this round, and (idle, joining) the round's end
 
 Outgoing = dict[int, list[tuple["torch.Tensor", str]]]  # destination -> [(tensor, byte kind)]
 
