@@ -1,12 +1,13 @@
 """Chaos benchmark of elastic runs: `python benchmarks/chaos.py [--runs 20] [--seed 0]`.
 
 Each run is a seeded draw: a mode (splitlora / fedlora), 1-3 faults (kill -9 or SIGSTOP of a
-distinct client, never all of them) at random steps, launched with `python -m
+distinct client, never all of them) at random steps, and in half the splitlora runs a client
+joining at a random step (`--join`, each client on its own file), launched with `python -m
 splitlora_mpi.elastic`. Per run: finished or not, seconds from the last fault to the end, the
 outputs complete (the adapter loads with PeftModel.from_pretrained; the newest checkpoint's
-files match their manifest), and hangs (the launcher not done within its bound: must be 0).
-Writes benchmarks/results/chaos.json. Not yet drawn: a link cut (tests/test_multihost's
-namespaces) and a join (not built yet).
+files match their manifest), the joiner's fate, and hangs (the launcher not done within its
+bound: must be 0). Writes benchmarks/results/chaos.json. A cut link needs hosts of their own:
+tests/test_multihost.py cuts one between network namespaces.
 
 `ElasticJob` is the harness tests/test_elastic.py uses too.
 """
@@ -80,6 +81,16 @@ class ElasticJob:
             self.stopped.append(pid)
         return time.monotonic()
 
+    def join(self, step: int, *sets: str) -> subprocess.Popen | None:
+        """Once the job logged `step`: a client process joining it (`--join`, a singleton)."""
+        if not self.wait_for_step(step):
+            return None
+        args = [a for s in sets for a in ("--set", s)]
+        cmd = [sys.executable, "-m", "splitlora_mpi", "--join", *JOB, "--set", f"run.out_dir={self.out}", *args]
+        log = open(self.out.parent / f"{self.out.name}.joiner.log", "w")
+        env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+
     def finish(self, timeout_s: float = 180) -> tuple[int | None, str]:
         """(exit code, None on a hang; the log). Frozen clients are killed afterwards."""
         try:
@@ -118,28 +129,59 @@ def outputs_complete(out: Path) -> bool:
     return found is not None
 
 
+def client_files(work: Path, clients: int) -> list[str]:
+    """Each client's own training and validation file (slices of the packaged sample): the sets."""
+    from splitlora_mpi.data import packaged_data_paths
+
+    train, val = (p.read_text().splitlines() for p in packaged_data_paths())
+    data = work / "data"
+    data.mkdir(exist_ok=True)
+    for c in range(1, clients + 1):
+        (data / f"train-{c}.txt").write_text("\n".join(train[(c - 1) * 200 : c * 200]) + "\n")
+        (data / f"val-{c}.txt").write_text("\n".join(val[(c - 1) * 20 : c * 20]) + "\n")
+    return [f"data.train_path={data}/train-{{client}}.txt", f"data.val_path={data}/val-{{client}}.txt"]
+
+
 def one_run(seed: int, work: Path, ranks: int = 5) -> dict:
     rng = random.Random(seed)
     mode = rng.choice(["splitlora", "fedlora"])
     victims = rng.sample(range(1, ranks), rng.randint(1, min(3, ranks - 2)))
     plan = sorted((rng.randint(3, 30), v, rng.choice(sorted(FAULTS))) for v in victims)
+    if mode == "splitlora" and rng.random() < 0.5:
+        plan = sorted([*plan, (rng.randint(3, 30), ranks, "join")])
     out = work / f"run-{seed}"
+    sets = [f"run.mode={mode}", "checkpoint.every=8", f"run.seed={seed}", "comm.timeout_s=60", *client_files(work, ranks)]
+    if any(kind == "join" for *_, kind in plan):  # (a joiner imports torch for ~7 s before it connects)
+        sets.append("train.steps=100")
     start = time.monotonic()
-    job = ElasticJob(out, ranks, f"run.mode={mode}", "checkpoint.every=8", f"run.seed={seed}", grace_s=5)
-    last = None
+    job = ElasticJob(out, ranks, *sets, grace_s=5)
+    last, joiner = None, None
     for step, rank, kind in plan:
-        last = job.fault(rank, step, FAULTS[kind]) or last
+        if kind == "join":
+            joiner = job.join(step, *sets) or joiner
+            last = time.monotonic() if joiner else last
+        else:
+            last = job.fault(rank, step, FAULTS[kind]) or last
     code, log = job.finish(HANG_S)
     end = time.monotonic()
+    joined = None
+    if joiner is not None:
+        try:
+            joined = joiner.wait(timeout=HANG_S)
+        except subprocess.TimeoutExpired:
+            joiner.kill()
+            joined = "hang"
     summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
     return {
         "seed": seed,
         "mode": mode,
         "faults": [{"step": s, "rank": r, "kind": k} for s, r, k in plan],
         "exit_code": code,
-        "hang": code is None,
+        "hang": code is None or joined == "hang",
         "finished": code == 0 and summary.get("status") == "complete",
         "clients_lost": summary.get("clients_lost"),
+        "clients_joined": summary.get("clients_joined"),
+        "joiner_exit_code": joined,
         "s_after_last_fault": round(end - last, 1) if last else None,
         "wall_s": round(end - start, 1),
         "outputs_complete": code == 0 and outputs_complete(out),

@@ -53,14 +53,23 @@ class JoinDesk:
         write_atomic(join_dir(cfg) / "port", self.port + "\n")
 
     def close(self) -> None:
-        """The job has ended: no joiner may connect to it any more."""
+        """The job has ended: no joiner may connect to it any more; one that asked meanwhile is
+        accepted and told so (it would wait in its Connect otherwise)."""
         (join_dir(self.cfg) / "port").unlink(missing_ok=True)
+        for request in self._requests():
+            request.unlink(missing_ok=True)
+            self.transport.accept(self.port, self.next_id)
+            self.transport.send_object(self.next_id, HANDSHAKE, {"ended": True})
+            self.next_id += 1
+
+    def _requests(self) -> list[Path]:
+        return sorted(p for p in self.requests.iterdir() if not p.name.startswith("."))  # (not a temp file)
 
     def admit(self, step: int) -> dict[int, dict[str, Any]]:
         """Between steps: new requests accepted and given an id; the clients whose hello passed
         the handshake are admitted (id -> hello). Never waits for a hello (<= 1 ms per step)."""
         t = self.transport
-        for request in sorted(p for p in self.requests.iterdir() if not p.name.startswith(".")):  # (not a temp)
+        for request in self._requests():
             fresh = time.time() - request.stat().st_mtime < STALE_S
             request.unlink(missing_ok=True)
             if fresh:
@@ -104,5 +113,8 @@ def connect(cfg: JobConfig) -> Any:
 
     requests = join_dir(cfg) / "requests"
     requests.mkdir(parents=True, exist_ok=True)
+    port = port_file.read_text().strip()
     write_atomic(requests / f"{socket.gethostname()}-{os.getpid()}", "")
-    return mpi.connect(port_file.read_text().strip())
+    if not port_file.exists():  # (the job ended meanwhile: nobody would accept)
+        raise ConfigError(f"--join: the job of {cfg.out_dir} has ended")
+    return mpi.connect(port)

@@ -108,6 +108,8 @@ def run_joining(cfg: JobConfig) -> None:
     startup.lap("import")
     transport = MpiTransport(cfg.comm.timeout_s, Metrics(-1, "client"), joined=(connect(cfg), -1, 0))
     word = transport.recv_objects([SERVER], HANDSHAKE)[SERVER]
+    if word.get("ended"):
+        raise ConfigError(f"--join: the job of {cfg.out_dir} has ended")
     transport.rank, transport.size = word["rank"], word["size"]
     transport.metrics = Metrics(word["rank"], "client", export=exported(cfg))
     print(f"client {word['rank']}: joined at step {word['step']}; training from the next round", flush=True)
