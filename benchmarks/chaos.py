@@ -129,8 +129,9 @@ def outputs_complete(out: Path) -> bool:
     return found is not None
 
 
-def client_files(work: Path, clients: int) -> list[str]:
-    """Each client's own training and validation file (slices of the packaged sample): the sets."""
+def client_files(work: Path, clients: int, mode: str) -> list[str]:
+    """Each client's own training and validation file (slices of the packaged sample): the sets
+    (fedlora: one shared validation file, which its rank 0 evaluates the average on)."""
     from splitlora_mpi.data import packaged_data_paths
 
     train, val = (p.read_text().splitlines() for p in packaged_data_paths())
@@ -139,7 +140,9 @@ def client_files(work: Path, clients: int) -> list[str]:
     for c in range(1, clients + 1):
         (data / f"train-{c}.txt").write_text("\n".join(train[(c - 1) * 200 : c * 200]) + "\n")
         (data / f"val-{c}.txt").write_text("\n".join(val[(c - 1) * 20 : c * 20]) + "\n")
-    return [f"data.train_path={data}/train-{{client}}.txt", f"data.val_path={data}/val-{{client}}.txt"]
+    (data / "val.txt").write_text("\n".join(val[: clients * 20]) + "\n")
+    val_path = f"{data}/val.txt" if mode == "fedlora" else f"{data}/val-{{client}}.txt"
+    return [f"data.train_path={data}/train-{{client}}.txt", f"data.val_path={val_path}"]
 
 
 def one_run(seed: int, work: Path, ranks: int = 5) -> dict:
@@ -150,7 +153,7 @@ def one_run(seed: int, work: Path, ranks: int = 5) -> dict:
     if mode == "splitlora" and rng.random() < 0.5:
         plan = sorted([*plan, (rng.randint(3, 30), ranks, "join")])
     out = work / f"run-{seed}"
-    sets = [f"run.mode={mode}", "checkpoint.every=8", f"run.seed={seed}", "comm.timeout_s=60", *client_files(work, ranks)]
+    sets = [f"run.mode={mode}", "checkpoint.every=8", f"run.seed={seed}", "comm.timeout_s=60", *client_files(work, ranks, mode)]
     if any(kind == "join" for *_, kind in plan):  # (a joiner imports torch for ~7 s before it connects)
         sets.append("train.steps=100")
     start = time.monotonic()

@@ -187,10 +187,9 @@ def _run_lead(
     facts = {**mode.summary(lead, stats, _peak_rss_mb()), "num_clients": len(clients) + len(roster.joined) or 1}
     log.close(summary(cfg, log, transport.size, bytes=by_kind, **facts, examples_by_client=examples,
                       model_parts=parts, startup_s=startup_s, **_membership(roster)))  # fmt: skip
-    if roster.lost:
-        lost = "; ".join(f"{x['rank']} at step {x['step']}, {x['reason']}" for x in roster.lost)
-        print(f"finished {cfg.train.steps} steps with {len(roster.live)} of {len(clients)} clients (lost: {lost})",
-              flush=True)  # fmt: skip
+    if roster.lost or roster.joined:
+        print(f"finished {cfg.train.steps} steps with {len(roster.live)} of {len(clients) + len(roster.joined)} "
+              f"clients ({_changes(roster)})", flush=True)  # fmt: skip
     if roster.elastic:  # (a barrier of every rank would wait for the lost ones)
         for c in roster.live:
             transport.send_object(c, FINISH, None)
@@ -365,6 +364,13 @@ def _client_adapter(cfg: JobConfig, mode: Mode, transport: Transport, roster: Ro
     senders = list(roster.live) if roster.elastic else [exporter]
     got = roster.keep(senders, transport.recv_objects(senders, EXPORT, "adapters", roster.give_up_s), cfg.train.steps)
     return got[min(got)] if got else None
+
+
+def _changes(roster: Roster) -> str:
+    """The end line's account of the clients: 'lost: 3 at step 41, killed; joined: 9 at step 50'."""
+    lost = "; ".join(f"{x['rank']} at step {x['step']}, {x['reason']}" for x in roster.lost)
+    joined = "; ".join(f"{x['rank']} at step {x['step']}" for x in roster.joined)
+    return ", ".join(f"{what}: {text}" for what, text in (("lost", lost), ("joined", joined)) if text)
 
 
 def _membership(roster: Roster) -> dict[str, Any]:
