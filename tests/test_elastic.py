@@ -219,3 +219,20 @@ def test_resume_with_another_number_of_clients(tmp_path, monkeypatch, before, af
     s = run_summary(out)
     assert s["num_clients"] == after and [r["step"] for r in run_rows(out)][-1] == 12
     assert len(s["tokens_by_client"]) == after
+
+
+def test_what_counts_as_an_elastic_launch(tmp_path, monkeypatch):
+    from splitlora_mpi.run.launch import ELASTIC_ENV, elastic_launch
+
+    monkeypatch.delenv(ELASTIC_ENV, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # (no ~/.mpiexec.hydra.conf)
+    conf = tmp_path / "hydra.conf"
+    monkeypatch.setenv("HYDRA_CONFIG_FILE", str(conf))
+    assert not elastic_launch()  # no such file
+    conf.write_text("-verbose\n")
+    assert not elastic_launch()
+    conf.write_text("-disable-auto-cleanup\n")  # hydra's auto-cleanup off by its config file
+    assert elastic_launch()
+    conf.unlink()
+    monkeypatch.setenv(ELASTIC_ENV, "1")  # python -m splitlora_mpi.elastic
+    assert elastic_launch()

@@ -177,7 +177,7 @@ def test_elastic_job_drops_a_client_whose_link_is_cut(tmp_path):
     cross) it gives up on rank 0 after comm.timeout_s; mpiexec waits for its proxy until then."""
     out = tmp_path / "run"
     args = netns.splitlora(f"run.out_dir={out}", "train.steps=30", "train.log_every=1", "train.aggregate_every=2",
-                           "train.eval_every=10", "elastic.client_timeout_s=3", "comm.timeout_s=30")  # fmt: skip
+                           "train.eval_every=10", "elastic.client_timeout_s=3", "comm.timeout_s=15")  # fmt: skip
     cut: list[float] = []
     with netns.network(3) as net:
 
