@@ -251,8 +251,8 @@ def _run_client(
                                                      lambda last, stop: role.end_step(last, stop, on_checkpoint),
                                                      on_checkpoint)  # fmt: skip
     role.run(resume or 0, on_checkpoint, stop_requested)
-    if transport.rank == mode.exporter(cfg, clients) or (elastic and mode.exporter(cfg, clients)):
-        # (elastic: every client, rank 0 takes the first live one's)
+    exporter = mode.exporter(cfg, clients)
+    if exporter is not None and (elastic or transport.rank == exporter):  # (elastic: every live client sends it)
         adapter = {k: v.detach().cpu().numpy() for k, v in role.parts[0].adapter_state().items()}
         transport.send_object(SERVER, EXPORT, adapter, kind="adapters")
     stats = {
