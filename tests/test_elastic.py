@@ -113,6 +113,23 @@ def test_a_client_joins_a_running_job(tmp_path):
     assert not (job.out / "join" / "port").exists()  # (nobody can join a finished job)
 
 
+def test_a_frozen_client_that_comes_back_reads_its_eviction_and_leaves_alone(tmp_path):
+    """SIGSTOP, dropped, SIGCONT while the job runs on: the client finds rank 0's notice, says
+    so in one line and exits 1 alone; the others finish (the round it missed is not touched)."""
+    job = ElasticJob(tmp_path / "back", 4, "train.steps=150")
+    pid, _ = fault_after(job, 3, 8, signal.SIGSTOP)
+    deadline = time.monotonic() + 60
+    while "client 3 lost" not in job.log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGCONT)
+    code, log = job.finish()
+    assert code == 0, log
+    assert "client 3 lost" in log and "rank 3: evicted: rank 0 dropped this client at step" in log, log
+    s = run_summary(job.out)
+    assert [(x["rank"], x["reason"]) for x in s["clients_lost"]] == [(3, "stopped")]
+    assert s["participants"][-1][1:] == [150, 2] and run_rows(job.out)[-1]["step"] == 150
+
+
 def test_below_min_clients_checkpoints_and_exits_1(tmp_path):
     job = ElasticJob(tmp_path / "few", 4, "elastic.min_clients=3")
     fault_after(job, 1, 6, signal.SIGKILL)
