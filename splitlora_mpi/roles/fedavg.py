@@ -77,7 +77,7 @@ class _Round:
         return out
 
     def check_finite(self) -> None:
-        for (step, loss, _), i in zip(self.per_step(), range(len(self.steps))):
+        for i, (step, loss, _) in enumerate(self.per_step()):
             targets = self.sum[self.numel + 2 + PER_STEP * i + 1]
             if targets and not math.isfinite(loss):  # (no targets: nobody trained that step)
                 raise Diverged(step, loss)
@@ -211,7 +211,7 @@ class FedServer:
             result = _Round(self.sum(steps[-1], members, buf, numel), numel, steps)
             seconds = (time.perf_counter() - round_start) / len(steps)  # the round, seen from rank 0
             if not self.roster.live:  # (nobody's adapter in the sum)
-                self._too_few(step, on_checkpoint)
+                self._too_few(steps[-1], on_checkpoint)
             result.check_finite()
             load_joined_adapter_state(self.parts, result.average(state))
             for s in steps:
