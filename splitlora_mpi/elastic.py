@@ -5,8 +5,10 @@ or loses its link is dropped and the others go on (what torchrun is to torch):
 
 - hydra's auto-cleanup off (`-disable-auto-cleanup`): a rank that exits does not end the job;
 - on one host (no --hosts): each rank gets its own hydra proxy (`-launcher fork` with a hosts
-  file of distinct names), since a rank killed by a signal takes down every rank of its proxy;
-  the ranks then share no memory (MPI goes through the network stack on the host);
+  file of distinct names), since a rank killed by a signal takes down every rank of its proxy,
+  and UCX uses shared memory only (`UCX_TLS=posix,sysv,self` unless set): its cross-memory
+  attach failed inside a transfer from a killed peer (`process_vm_readv(...) returned -1: No
+  such process`; rank 0 never returned) and its TCP segfaults in a send to a killed peer;
 - with --hosts (one proxy per host already): the file goes to mpiexec as `-f`;
 - the ranks learn they run elastic from SPLITLORA_ELASTIC=1, and rank 0 writes how the job
   ended to SPLITLORA_STATUS_FILE. mpiexec's exit code after a loss is the dead rank's, so this
@@ -47,6 +49,8 @@ def command(ranks: int, job_args: list[str], status_file: Path, hosts: Path | No
         hosts = workdir / "hosts"
         hosts.write_text("".join(f"n{i}:1\n" for i in range(ranks)))
         placement = ["-launcher", "fork", "-f", str(hosts)]
+        if "UCX_TLS" not in os.environ:
+            placement += ["-genv", "UCX_TLS", "posix,sysv,self"]
     else:
         placement = ["-f", str(hosts)]
     return [mpiexec_path(), "-disable-auto-cleanup", *placement, "-genv", ELASTIC_ENV, "1",

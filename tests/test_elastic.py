@@ -254,3 +254,19 @@ def test_what_counts_as_an_elastic_launch(tmp_path, monkeypatch):
     conf.unlink()
     monkeypatch.setenv(ELASTIC_ENV, "1")  # python -m splitlora_mpi.elastic
     assert elastic_launch()
+
+
+def test_the_one_host_launch_gives_each_rank_its_proxy_and_shared_memory_only(tmp_path, monkeypatch):
+    """One proxy per rank (a killed rank takes its proxy's others down) and UCX over shared
+    memory only: cross-memory attach from a killed peer and UCX's TCP send to one both fail."""
+    from splitlora_mpi import elastic
+
+    monkeypatch.delenv("UCX_TLS", raising=False)
+    cmd = elastic.command(3, ["--set", "train.steps=2"], tmp_path / "status.json", None, tmp_path)
+    assert cmd[cmd.index("-launcher") + 1] == "fork"
+    assert (tmp_path / "hosts").read_text() == "n0:1\nn1:1\nn2:1\n"
+    assert " ".join(cmd).count("-genv UCX_TLS posix,sysv,self") == 1
+    monkeypatch.setenv("UCX_TLS", "tcp")  # the user's choice is kept
+    assert "UCX_TLS" not in elastic.command(3, [], tmp_path / "s", None, tmp_path)
+    hosts = tmp_path / "hosts.txt"
+    assert "UCX_TLS" not in elastic.command(3, [], tmp_path / "s", hosts, tmp_path)  # several hosts: as set

@@ -50,6 +50,8 @@ class JoinDesk:
         self.requests.mkdir(parents=True, exist_ok=True)
         for old in self.requests.iterdir():  # (from an earlier run of this out_dir)
             old.unlink(missing_ok=True)
+        # a joiner's UCX must offer what rank 0's does (else "Invalid port"): its transports beside the port
+        write_atomic(join_dir(cfg) / "ucx_tls", os.environ.get("UCX_TLS", ""))
         write_atomic(join_dir(cfg) / "port", self.port + "\n")
 
     def close(self) -> None:
@@ -109,6 +111,9 @@ def connect(cfg: JobConfig) -> Any:
         )
     # (a job that ended meanwhile never accepts: give up as MPI's connect timeout says)
     os.environ.setdefault("MPIR_CVAR_CH4_COMM_CONNECT_TIMEOUT", str(max(1, int(cfg.comm.timeout_s))))
+    tls = (join_dir(cfg) / "ucx_tls").read_text().strip() if (join_dir(cfg) / "ucx_tls").is_file() else ""
+    if tls:
+        os.environ.setdefault("UCX_TLS", tls)
     from ..wire import mpi
 
     requests = join_dir(cfg) / "requests"
