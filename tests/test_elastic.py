@@ -266,7 +266,7 @@ def test_the_one_host_launch_gives_each_rank_its_proxy_and_shared_memory_only(tm
     assert cmd[cmd.index("-launcher") + 1] == "fork"
     assert (tmp_path / "hosts").read_text() == "n0:1\nn1:1\nn2:1\n"
     assert " ".join(cmd).count("-genv UCX_TLS posix,sysv,self") == 1
+    several = elastic.command(3, [], tmp_path / "s", tmp_path / "hosts.txt", tmp_path)
+    assert "UCX_TLS" not in several and "fork" not in several  # several hosts: MPICH's own choice
     monkeypatch.setenv("UCX_TLS", "tcp")  # the user's choice is kept
     assert "UCX_TLS" not in elastic.command(3, [], tmp_path / "s", None, tmp_path)
-    hosts = tmp_path / "hosts.txt"
-    assert "UCX_TLS" not in elastic.command(3, [], tmp_path / "s", hosts, tmp_path)  # several hosts: as set

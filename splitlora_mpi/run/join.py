@@ -111,9 +111,9 @@ def connect(cfg: JobConfig) -> Any:
         )
     # (a job that ended meanwhile never accepts: give up as MPI's connect timeout says)
     os.environ.setdefault("MPIR_CVAR_CH4_COMM_CONNECT_TIMEOUT", str(max(1, int(cfg.comm.timeout_s))))
-    tls = (join_dir(cfg) / "ucx_tls").read_text().strip() if (join_dir(cfg) / "ucx_tls").is_file() else ""
-    if tls:
-        os.environ.setdefault("UCX_TLS", tls)
+    tls = join_dir(cfg) / "ucx_tls"  # (rank 0's transports: see JoinDesk)
+    if tls.is_file() and (transports := tls.read_text().strip()):
+        os.environ.setdefault("UCX_TLS", transports)
     from ..wire import mpi
 
     requests = join_dir(cfg) / "requests"
