@@ -72,14 +72,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rank = launcher_rank()
-    from .run.launch import STATUS_ENV, elastic_launch  # (torch only once every rank's input is checked)
+    from .run.launch import elastic_launch  # (torch only once every rank's input is checked)
 
     elastic = elastic_launch()
     code = _run(args, rank, elastic)
-    if rank == 0 and os.environ.get(STATUS_ENV) and not args.print_config:
-        status = {0: "complete", EXIT_STOPPED: "stopped"}.get(code, "failed")
-        with open(os.environ[STATUS_ENV], "w") as f:
-            json.dump({"status": status, "exit_code": code}, f)
+    if rank == 0 and not args.print_config:
+        _write_status(code)
     if elastic and "mpi4py.MPI" in sys.modules:  # MPI_Finalize hangs once any rank died
         sys.stdout.flush()
         sys.stderr.flush()
@@ -125,7 +123,19 @@ def _run(args: argparse.Namespace, rank: int, elastic: bool) -> int:
         return 1
 
 
+def _write_status(code: int) -> None:
+    """Rank 0 under the elastic launcher: how the job ended (mpiexec's own code cannot say)."""
+    from .run.launch import STATUS_ENV
+
+    if os.environ.get(STATUS_ENV):
+        status = {0: "complete", EXIT_STOPPED: "stopped"}.get(code, "failed")
+        with open(os.environ[STATUS_ENV], "w") as f:
+            json.dump({"status": status, "exit_code": code}, f)
+
+
 def _abort_world(code: int = 1) -> None:
+    if launcher_rank() == 0:  # first: the abort may end this process before main() would write it
+        _write_status(code)
     if "mpi4py.MPI" in sys.modules:
         from .wire.mpi import abort, world_size
 
