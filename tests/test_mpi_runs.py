@@ -122,6 +122,12 @@ def test_default_nine_rank_run_learns(tmp_path):
     vals = [row["val_loss"] for row in rows if "val_loss" in row]
     assert len(vals) == 2 and vals[-1] < vals[0]
     assert "step    40/40" in r.stdout
+    # another mode after it writes a directory of its own: both runs stay intact
+    before = {f: f.read_bytes() for f in out.rglob("*") if f.is_file()}
+    r = run_cmd(splitlora("--set", "run.mode=central", "--set", "train.steps=5"), cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert run_summary(tmp_path / "runs" / "central")["mode"] == "central"
+    assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == before
 
 
 def test_split_mode_on_one_rank_explains_how_to_launch(tmp_path):

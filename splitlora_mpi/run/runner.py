@@ -436,7 +436,7 @@ def _finish_metrics(cfg: JobConfig, metrics: Metrics) -> None:
     """Final values for short jobs: push them, and/or keep /metrics up for a last scrape."""
     if cfg.metrics.pushgateway:
         try:
-            metrics.push(cfg.metrics.pushgateway, job=cfg.run.name)
+            metrics.push(cfg.metrics.pushgateway, job=cfg.run_name)
         except OSError as e:
             say(f"rank {metrics.rank}: warning: push to {cfg.metrics.pushgateway} failed: {e}")
     if cfg.metrics.enabled and cfg.metrics.linger_s > 0:
