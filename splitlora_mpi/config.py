@@ -43,7 +43,7 @@ def _f(default: Any, help: str, **bounds: float) -> Any:
 
 @dataclass
 class RunConfig:
-    name: str = _f("splitlora", "run name; the default out_dir is runs/<name>")
+    name: str | None = _f(None, "run name (null = run.mode); the default out_dir is runs/<name>")
     out_dir: str | None = _f(None, "directory for config.yaml, metrics.jsonl, summary.json, adapter/, base/")
     seed: int = _f(0, "seed for weights, data partition and sampling", min=0)
     mode: str = _f(
@@ -216,7 +216,12 @@ class JobConfig:
 
     @property
     def out_dir(self) -> Path:
-        return Path(self.run.out_dir or f"runs/{self.run.name}")
+        return Path(self.run.out_dir or f"runs/{self.run_name}")
+
+    @property
+    def run_name(self) -> str:
+        """run.name, else the mode: runs of different modes never share an out_dir by default."""
+        return self.run.name or self.run.mode
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -70,7 +70,7 @@ def test_a_frozen_client_is_dropped_and_the_launcher_ends_it(tmp_path):
     assert "killing them" in log  # mpiexec waits for a stopped rank forever: the launcher ends it
 
 
-@pytest.mark.parametrize("seed", [0, 4])
+@pytest.mark.parametrize("seed", [4])  # kill, stop and join in one splitlora run
 def test_chaos_runs_end_complete_without_hangs(tmp_path, seed):
     """The chaos benchmark's fixed-seed runs (benchmarks/chaos.py draws 20 of them)."""
     row = one_run(seed, tmp_path)
@@ -107,7 +107,8 @@ def test_a_client_joins_a_running_job(tmp_path):
     s = run_summary(job.out)
     [joined] = s["clients_joined"]
     assert joined["rank"] == 4 and 10 <= joined["step"] < 200, s["clients_joined"]
-    assert s["num_clients"] == 4 and len(s["tokens_by_client"]) == 4 and min(s["tokens_by_client"]) > 0
+    assert s["num_clients"] == 4 and list(s["tokens_by_client"]) == ["1", "2", "3", "4"]
+    assert min(s["tokens_by_client"].values()) > 0
     first = -(-joined["step"] // 4) * 4 + 1  # the first step of the next round (aggregate_every 4)
     assert s["participants"][-1] == [first, 200, 4], s["participants"]
     assert not (job.out / "join" / "port").exists()  # (nobody can join a finished job)
@@ -236,7 +237,7 @@ def test_resume_with_another_number_of_clients(tmp_path, monkeypatch, before, af
         assert lr == pytest.approx(cfg.train.lr * (12 - found.step) / (12 - 2))  # the linear decay at that step
     s = run_summary(out)
     assert s["num_clients"] == after and [r["step"] for r in run_rows(out)][-1] == 12
-    assert len(s["tokens_by_client"]) == after
+    assert list(s["tokens_by_client"]) == [str(c) for c in range(1, after + 1)]
 
 
 def test_what_counts_as_an_elastic_launch(tmp_path, monkeypatch):

@@ -42,21 +42,21 @@ def test_one_client_on_its_own_file_equals_central_on_the_union(tmp_path, client
     split = run_local(tmp_path / "split", 1, *EQUIV, *_paths(client_files))
     central = run_local(tmp_path / "central", 1, *EQUIV, *_paths(client_files), "run.mode=central", "data.clients=1")
     assert_same_training(split, central)
-    assert run_summary(split)["examples_by_client"] == run_summary(central)["examples_by_client"]
+    assert run_summary(split)["examples_by_client"]["1"] == run_summary(central)["examples_by_client"]["0"]
 
 
 def test_unequal_clients_are_counted_by_examples_and_tokens(tmp_path, client_files):
     out = run_local(tmp_path / "run", 2, *EQUIV, *_paths(client_files))
     s = run_summary(out)
-    expected = [{"examples": len(read_examples(client_files / f"train-{c}.txt", "e2e")),
-                 "tokens": _tokens(client_files / f"train-{c}.txt")} for c in (1, 2)]  # fmt: skip
-    assert s["examples_by_client"] == expected and expected[0]["examples"] > expected[1]["examples"]
+    expected = {str(c): {"examples": len(read_examples(client_files / f"train-{c}.txt", "e2e")),
+                         "tokens": _tokens(client_files / f"train-{c}.txt")} for c in (1, 2)}  # fmt: skip
+    assert s["examples_by_client"] == expected and expected["1"]["examples"] > expected["2"]["examples"]
     vals = [r["val_loss"] for r in run_rows(out) if "val_loss" in r]
     assert len(vals) == 2 and vals[-1] < vals[0]
     central = run_local(tmp_path / "central", 1, *EQUIV, *_paths(client_files), "run.mode=central", "data.clients=2")
-    assert run_summary(central)["examples_by_client"] == [
-        {"examples": sum(e["examples"] for e in expected), "tokens": sum(e["tokens"] for e in expected)}
-    ]
+    assert run_summary(central)["examples_by_client"] == {
+        "0": {key: sum(e[key] for e in expected.values()) for key in ("examples", "tokens")}
+    }
 
 
 def test_a_missing_client_file_names_the_client_and_the_key(tmp_path, client_files):
@@ -75,9 +75,9 @@ def test_the_server_reads_no_client_data_and_each_client_only_its_own(tmp_path, 
     r = run_cmd([MPIRUN, "-n", "3", *audit, *sets], cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     s = run_summary(tmp_path / "run")
-    assert [e["examples"] for e in s["examples_by_client"]] == [
-        len(read_examples(client_files / f"train-{c}.txt", "e2e")) for c in (1, 2)
-    ]
+    assert {r: e["examples"] for r, e in s["examples_by_client"].items()} == {
+        str(c): len(read_examples(client_files / f"train-{c}.txt", "e2e")) for c in (1, 2)
+    }
     assert set(k for k, v in s["bytes"].items() if v) == {"activations", "gradients", "labels", "adapters", "control"}
     # the audit can fail: central reads every client's file on rank 0
     r = run_cmd([*audit, *sets, "--set", "run.mode=central", "--set", "data.clients=2"], cwd=tmp_path, timeout=300)

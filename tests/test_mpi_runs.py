@@ -5,11 +5,12 @@ options run in-process (test_roles.py)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cmd, run_rows, run_summary, splitlora
+from conftest import MPIRUN, run_cmd, run_rows, run_summary, splitlora
 from peft import PeftModel
 from test_roles import assert_same_training
 from transformers import AutoModelForCausalLM
@@ -121,6 +122,12 @@ def test_default_nine_rank_run_learns(tmp_path):
     vals = [row["val_loss"] for row in rows if "val_loss" in row]
     assert len(vals) == 2 and vals[-1] < vals[0]
     assert "step    40/40" in r.stdout
+    # another mode after it writes a directory of its own: both runs stay intact
+    before = {f: f.read_bytes() for f in out.rglob("*") if f.is_file()}
+    r = run_cmd(splitlora("--set", "run.mode=central", "--set", "train.steps=5"), cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert run_summary(tmp_path / "runs" / "central")["mode"] == "central"
+    assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == before
 
 
 def test_split_mode_on_one_rank_explains_how_to_launch(tmp_path):
@@ -196,3 +203,21 @@ def test_handshake_refuses_a_client_with_another_tokenizer(tmp_path):
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "rank 2's tokenizer differs from the server's" in lines[0], lines
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_per_client_facts_are_keyed_by_rank_whatever_order_the_clients_finish_in(tmp_path):
+    """sl, 2 clients in turns of 4 steps (each step's tokens are its turn's client's), and the
+    clients' end-of-run statistics held back to reach rank 0 in reverse rank order."""
+    late = str(Path(__file__).with_name("reverse_finish.py"))
+    r = run_cmd([MPIRUN, "-n", "3", sys.executable, late, *EQUIV, "--set", "run.mode=sl", "--set", "run.out_dir=sl",
+                 "--set", "model.config.n_positions=512", "--set", "data.max_seq_len=512"],  # rows untruncated
+                cwd=tmp_path, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    s, rows = run_summary(tmp_path / "sl"), run_rows(tmp_path / "sl")
+    per_step = [b["tokens"] - a["tokens"] for a, b in zip([{"tokens": 0}] + rows, rows)]
+    assert sum(per_step[0:4]) != sum(per_step[4:8])  # (the check below can tell the clients apart)
+    assert s["tokens_by_client"] == {"1": sum(per_step[0:4]), "2": sum(per_step[4:8])}
+    for fact in ("tokens_by_client", "peak_rss_mb_by_client", "examples_by_client"):
+        assert list(s[fact]) == ["1", "2"], (fact, s[fact])
+    for fact in ("startup_s", "model_parts"):
+        assert list(s[fact]) == ["0", "1", "2"], (fact, s[fact])

@@ -109,3 +109,28 @@ def test_central_bad_input_stops_before_torch(tmp_path):
     assert r.returncode == 2, r.stderr[-2000:]
     assert _error_lines(r.stderr) == [f"error: data file {tmp_path}/missing.txt: not found"]
     assert "splitlora_mpi" in _imported(r.stderr) and not HEAVY & _imported(r.stderr)
+
+
+def test_a_finished_run_of_another_config_is_refused_untouched_and_overwrite_replaces_it(tmp_path):
+    """central (one process) in ./runs/central; then 4 steps instead of 3: one line, exit 2,
+    every file as it was; with --overwrite the new run replaces it (and its checkpoints)."""
+    three = ["--set", "run.mode=central", "--set", "train.steps=3", "--set", "checkpoint.every=2"]
+    r = run_cmd(splitlora(*three), cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "runs" / "central"
+    before = {f: f.read_bytes() for f in out.rglob("*") if f.is_file()}
+    assert (out / "summary.json") in before and any("checkpoints" in f.parts for f in before)
+    four = [*three, "--set", "train.steps=4"]
+    r = run_cmd(splitlora(*four), cwd=tmp_path, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert r.stderr.strip() == (
+        "error: config key 'run.out_dir': runs/central holds a finished run of another config (train.steps=3 -> 4); "
+        "expected a new directory (--set run.name=NAME) or --overwrite to replace that run"
+    )
+    assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == before
+    r = run_cmd(splitlora(*three), cwd=tmp_path, timeout=300)  # the same config: as before (resumed)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cmd(splitlora(*four, "--overwrite"), cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert load_config(out / "config.yaml").train.steps == 4
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]

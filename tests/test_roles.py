@@ -91,7 +91,7 @@ def test_sl_clients_take_turns(tmp_path):
     out = _run(tmp_path, "sl", 2)
     cfg, s, rows = load_config(out / "config.yaml"), run_summary(out), run_rows(out)
     per_step = [r["tokens"] - p["tokens"] for p, r in zip([{"tokens": 0}] + rows, rows)]
-    assert s["tokens_by_client"] == [sum(per_step[0:4]), sum(per_step[4:8])]
+    assert s["tokens_by_client"] == {"1": sum(per_step[0:4]), "2": sum(per_step[4:8])}
     b, t, h = cfg.train.batch_size, cfg.data.max_seq_len, cfg.model.config["n_embd"]
     assert s["bytes"]["activations"] == (STEPS * b + 2 * VAL_ROWS) * t * h * 4  # one client per step, one evaluates
     assert s["bytes"]["gradients"] == STEPS * b * t * h * 4
@@ -107,7 +107,7 @@ def test_fedlora_clients_train_the_whole_model(tmp_path, central):
     assert s["bytes"]["activations"] == s["bytes"]["gradients"] == s["bytes"]["labels"] == 0
     # 2 rounds x 3 ranks x one float64 buffer: [w * adapter, w, stop, (loss sum, targets, tokens) x 4 steps]
     assert s["bytes"]["adapters"] == 2 * 3 * (s["client_trainable_params"] + 2 + 3 * 4) * 8
-    assert sum(s["tokens_by_client"]) == s["tokens"] == run_rows(out)[-1]["tokens"]
+    assert sum(s["tokens_by_client"].values()) == s["tokens"] == run_rows(out)[-1]["tokens"]
 
 
 @pytest.mark.parametrize("wire, most", [("bfloat16", 0.51), ("int8", 0.27)])

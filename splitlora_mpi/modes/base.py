@@ -124,15 +124,21 @@ class Mode(ABC):
         return None
 
     def summary(self, lead: Lead, stats: dict[int, dict[str, Any]], rss_mb: float) -> dict[str, Any]:
-        """summary.json facts on the clients: `stats` is what each client reported at the end."""
+        """summary.json facts on the clients: `stats` is what each client reported at the end (in
+        the order the reports arrived; every per-client fact is keyed by rank, in rank order)."""
         return {
             "num_clients": len(stats),
-            "tokens_by_client": [s["tokens"] for s in stats.values()],
+            "tokens_by_client": by_rank(stats, lambda s: s["tokens"]),
             "client_trainable_params": max(s["trainable_params"] for s in stats.values()),
             "server_trainable_params": lead.trainable_params(),
             "peak_rss_mb": {"server": rss_mb, "client_max": max(s["peak_rss_mb"] for s in stats.values())},
-            "peak_rss_mb_by_client": [round(s["peak_rss_mb"], 1) for s in stats.values()],
+            "peak_rss_mb_by_client": by_rank(stats, lambda s: round(s["peak_rss_mb"], 1)),
         }
+
+
+def by_rank(per_client: dict[int, Any], fact: Callable[[Any], Any]) -> dict[str, Any]:
+    """A per-client fact of summary.json: keyed by the client's rank (a JSON key: a string), in rank order."""
+    return {str(rank): fact(per_client[rank]) for rank in sorted(per_client)}
 
 
 def check_partial_participation(cfg: JobConfig, mode: str) -> None:

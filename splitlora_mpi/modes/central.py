@@ -37,7 +37,7 @@ class Central(Mode):
         client, server = (part.trainable_numel() for part in lead.parts)
         return {
             "num_clients": 1,
-            "tokens_by_client": [lead.tokens],
+            "tokens_by_client": {"0": lead.tokens},
             "client_trainable_params": client,
             "server_trainable_params": server,
             "peak_rss_mb": {"server": rss_mb, "client_max": rss_mb},

@@ -58,9 +58,9 @@ class Startup:
         return {**self.seconds, "total": round(sum(self.seconds.values()), 3)}
 
 
-def run(cfg: JobConfig) -> None:
+def run(cfg: JobConfig, overwrite: bool = False) -> None:
     """This process's rank of the job (raises ConfigError for bad input). One-rank modes run
-    without MPI on an in-process transport."""
+    without MPI on an in-process transport. `overwrite`: a previous run in out_dir is replaced."""
     startup = Startup(process_age_s())
     from ..wire.mpi import MpiTransport, world_rank, world_size
 
@@ -68,13 +68,15 @@ def run(cfg: JobConfig) -> None:
     _check_world(mode, size)
     _catch_stop_signals(rank)
     metrics = Metrics(rank, mode.lead_role if rank == SERVER else "client", export=exported(cfg))
-    checked = preflight.check(cfg, mode, rank, size)
+    checked = preflight.check(cfg, mode, rank, size, overwrite)
     transport = None
     if mode.one_rank and checked.error is not None:
         raise ConfigError(checked.error)
     if not mode.one_rank:
         transport = MpiTransport(cfg.comm.timeout_s, metrics)
         preflight.agree(transport, cfg, checked)
+    if overwrite and rank == SERVER:
+        preflight.clear_previous_run(cfg)
     startup.lap("preflight")
     _quiet_libraries()
     import torch

@@ -6,9 +6,10 @@ torch and built its model. The full checks still run later (the handshake)."""
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 
-from ..config import JobConfig
+from ..config import JobConfig, load_config
 from ..data import Example, check_tokenizer_path, read_split, rows_of
 from ..errors import ConfigError
 from ..fsutil import check_writable
@@ -27,13 +28,15 @@ class Checked:
     examples: dict[str, list[Example]] = field(default_factory=dict)  # "train" / "val"
 
 
-def check(cfg: JobConfig, mode: Mode, rank: int, size: int) -> Checked:
+def check(cfg: JobConfig, mode: Mode, rank: int, size: int, overwrite: bool = False) -> Checked:
     """This rank's checks, in the order the run would meet them (rank 0 alone writes outputs;
     a rank reads only the data its role reads: in splitlora and sl rank 0 opens no data file)."""
     checked = Checked()
     clients = size - 1
     try:
         if rank == SERVER:
+            if not overwrite:
+                check_previous_run(cfg)
             check_writable(cfg.out_dir)
         check_tokenizer_path(cfg.model.tokenizer)
         check_model_path(cfg)
@@ -49,6 +52,42 @@ def check(cfg: JobConfig, mode: Mode, rank: int, size: int) -> Checked:
     except ConfigError as e:
         checked.error = str(e)
     return checked
+
+
+# what a run (and `evaluate` on it) writes into run.out_dir: what --overwrite removes
+RUN_OUTPUTS = ("summary.json", "metrics.jsonl", "config.yaml", "adapter", "base", "checkpoints", "join",
+               "scores.json", "references.txt")  # fmt: skip
+
+
+def check_previous_run(cfg: JobConfig) -> None:
+    """A finished run in out_dir is resumed (a no-op) only by the same config: another config
+    would write over it, so it is refused before anything is touched."""
+    out = cfg.out_dir
+    if not (out / "summary.json").is_file() or not (out / "config.yaml").is_file():
+        return
+    try:
+        before = load_config(out / "config.yaml").fingerprint()
+    except ConfigError:
+        before = {}
+    now = cfg.fingerprint()
+    differs = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    if differs:
+        shown = ", ".join(f"{k}={before.get(k)!r} -> {now.get(k)!r}" for k in differs[:3])
+        more = f" and {len(differs) - 3} more" if len(differs) > 3 else ""
+        raise ConfigError(
+            f"config key 'run.out_dir': {out} holds a finished run of another config ({shown}{more}); "
+            "expected a new directory (--set run.name=NAME) or --overwrite to replace that run"
+        )
+
+
+def clear_previous_run(cfg: JobConfig) -> None:
+    """--overwrite, once every rank's input is good: the previous run's outputs go."""
+    for name in RUN_OUTPUTS:
+        path = cfg.out_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def agree(transport: Transport, cfg: JobConfig, checked: Checked) -> None:

@@ -20,7 +20,7 @@ from ..fsutil import say
 from ..metrics import Metrics
 from ..model import hf_config
 from ..modes import Mode, mode_of
-from ..modes.base import ClientRole, Lead, Setup
+from ..modes.base import ClientRole, Lead, Setup, by_rank
 from ..roles.participation import ClientTurns
 from ..roles.roster import Roster
 from ..wire import CHECKPOINT, EXPORT, FINISH, SERVER, STATS, Transport
@@ -181,9 +181,9 @@ def _run_lead(
     for st in stats.values():
         by_kind = {k: by_kind[k] + st["sent"][k] for k in by_kind}
     by_kind["control"] += m.received_from_ranks() - before  # the statistics messages themselves
-    parts = {"0": holdings(mode.lead_role, lead.parts), **{str(c): stats[c]["holdings"] for c in stats}}
-    examples = [{"examples": h["train_rows"], "tokens": h["train_tokens"]} for _, h in sorted(reports.items())]
-    startup_s = {"0": startup.report(), **{str(c): stats[c]["startup_s"] for c in stats}}
+    parts = {"0": holdings(mode.lead_role, lead.parts), **by_rank(stats, lambda st: st["holdings"])}
+    examples = by_rank(reports, lambda h: {"examples": h["train_rows"], "tokens": h["train_tokens"]})
+    startup_s = {"0": startup.report(), **by_rank(stats, lambda st: st["startup_s"])}
     facts = {**mode.summary(lead, stats, _peak_rss_mb()), "num_clients": len(clients) + len(roster.joined) or 1}
     log.close(summary(cfg, log, transport.size, bytes=by_kind, **facts, examples_by_client=examples,
                       model_parts=parts, startup_s=startup_s, **_membership(roster)))  # fmt: skip
@@ -436,7 +436,7 @@ def _finish_metrics(cfg: JobConfig, metrics: Metrics) -> None:
     """Final values for short jobs: push them, and/or keep /metrics up for a last scrape."""
     if cfg.metrics.pushgateway:
         try:
-            metrics.push(cfg.metrics.pushgateway, job=cfg.run.name)
+            metrics.push(cfg.metrics.pushgateway, job=cfg.run_name)
         except OSError as e:
             say(f"rank {metrics.rank}: warning: push to {cfg.metrics.pushgateway} failed: {e}")
     if cfg.metrics.enabled and cfg.metrics.linger_s > 0:
