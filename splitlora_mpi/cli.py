@@ -63,8 +63,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="override one config key; repeatable; values parse as YAML scalars",
     )
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a finished run of another config in run.out_dir (default: refuse, exit 2)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a finished run of another config in run.out_dir (default: refuse, exit 2)",
+    )
     p.add_argument("--join", action="store_true",
                    help="join the running elastic job of this config as a new client (run.out_dir/join/port "
                         "must be readable here); as a singleton or under mpirun -n 1")  # fmt: skip
