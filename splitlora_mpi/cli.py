@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rank = launcher_rank()
-    from .run.launch import elastic_launch  # (torch only once every rank's input is checked)
+    from .run.startup import elastic_launch  # (torch only once every rank's input is checked)
 
     elastic = elastic_launch()
     code = _run(args, rank, elastic)
@@ -133,7 +133,7 @@ def _run(args: argparse.Namespace, rank: int, elastic: bool) -> int:
 
 def _write_status(code: int) -> None:
     """Rank 0 under the elastic launcher: how the job ended (mpiexec's own code cannot say)."""
-    from .run.launch import STATUS_ENV
+    from .run.startup import STATUS_ENV
 
     if os.environ.get(STATUS_ENV):
         status = {0: "complete", EXIT_STOPPED: "stopped"}.get(code, "failed")

@@ -17,10 +17,9 @@ from typing import Any, Literal
 
 import yaml
 
+from . import rules
 from .errors import ConfigError
-
-MODEL_FAMILIES = ("gpt2", "llama", "qwen2", "mistral")
-CLIENT = "{client}"  # in data paths: each client's own file (1..N)
+from .rules import CLIENT
 
 
 def local_or_hub(spec: str) -> str:
@@ -252,6 +251,21 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 # ---------------------------------------------------------------- loading
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML keeps the last of a key given twice, silently; a config refuses it."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice (the last would silently win)", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def default_config_path() -> Path:
     return Path(str(resources.files("splitlora_mpi") / "default.yaml"))
 
@@ -262,7 +276,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if not path.is_file():
         raise ConfigError(f"--config {path}: file not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -272,12 +286,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for item in overrides or []:
         _apply_override(raw, item)
     cfg = _build(JobConfig, raw, "")
-    _check_cross_fields(cfg)
-    from .modes import MODES  # (the registry of modes, each with its own rules)
-
-    if cfg.run.mode not in MODES:
-        raise ConfigError(f"config key 'run.mode': expected one of {', '.join(map(repr, MODES))}, got {cfg.run.mode!r}")
-    MODES[cfg.run.mode].check_config(cfg)
+    rules.check(cfg)
     return cfg
 
 
@@ -397,59 +406,3 @@ def _matches(value: Any, tp: Any) -> tuple[bool, Any]:
     if tp is str:
         return isinstance(value, str), value
     return False, None
-
-
-def _check_cross_fields(cfg: JobConfig) -> None:
-    _check_partition(cfg)
-    if cfg.model.name_or_path is None:
-        model_type = cfg.model.config.get("model_type")
-        if model_type not in MODEL_FAMILIES:
-            raise ConfigError(
-                f"config key 'model.config.model_type': expected one of {', '.join(MODEL_FAMILIES)}, got {model_type!r}"
-            )
-    t = cfg.train
-    if cfg.privacy.noise_multiplier and not cfg.privacy.clip:
-        raise ConfigError(
-            "config key 'privacy.noise_multiplier': the noise is in units of privacy.clip; expected privacy.clip > 0"
-        )
-    s = cfg.split
-    if isinstance(s.client_layers, list) and (not s.client_layers or min(s.client_layers) < 1):
-        raise ConfigError(f"config key 'split.client_layers': expected integers ≥ 1, got {s.client_layers}")
-    if cfg.comm.micro_batches > 1 and s.label_private:
-        raise ConfigError(
-            "config key 'comm.micro_batches': micro-batches pipeline the plain split; expected 1 with "
-            f"split.label_private or run.mode {cfg.run.mode}"
-        )
-    if cfg.comm.micro_batches > t.batch_size:
-        raise ConfigError(
-            f"config key 'comm.micro_batches': expected ≤ train.batch_size ({t.batch_size}), "
-            f"got {cfg.comm.micro_batches}"
-        )
-    if s.tail_layers and not s.label_private:
-        raise ConfigError("config key 'split.tail_layers': the tail is held by clients; expected split.label_private")
-    if t.eval_every and t.eval_every % t.aggregate_every:
-        raise ConfigError(
-            f"config key 'train.eval_every': expected a multiple of train.aggregate_every ({t.aggregate_every}) "
-            f"so validation sees averaged adapters, got {t.eval_every}"
-        )
-
-
-def _check_partition(cfg: JobConfig) -> None:
-    """local with a plain path: each client reads all of the file at that path on its own host."""
-    d = cfg.data
-    own = CLIENT in (d.train_path or "")
-    if own and d.scheme != "local":
-        raise ConfigError(
-            f"config key 'data.partition': {d.partition} splits one shared file, but data.train_path "
-            f"{d.train_path!r} names each client's own; expected local (or null)"
-        )
-    if CLIENT in (d.val_path or "") and not own:
-        raise ConfigError(
-            f"config key 'data.val_path': {CLIENT} in the validation path needs it in data.train_path too; "
-            "expected both or neither"
-        )
-    if d.scheme == "local" and (d.train_path is None or d.val_path is None):
-        raise ConfigError(
-            "config key 'data.train_path': data.partition local reads each client's own files; expected "
-            "data.train_path and data.val_path to be set"
-        )

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from .cli import OneLineParser
-from .run.launch import ELASTIC_ENV, STATUS_ENV
+from .run.startup import ELASTIC_ENV, STATUS_ENV
 
 FINISH_GRACE_S = 30.0
 

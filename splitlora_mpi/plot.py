@@ -73,8 +73,8 @@ def load_run(run_dir: Path) -> Run:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f"{run_dir}: no such run directory")
-    config = _read_yaml(run_dir / "config.yaml")
-    summary = _read_summary(run_dir / "summary.json")
+    config = _read_mapping(run_dir / "config.yaml")
+    summary = _read_mapping(run_dir / "summary.json")
     run_cfg = config.get("run") if isinstance(config.get("run"), dict) else {}
     mode = summary.get("mode") or run_cfg.get("mode") or ("splitlora" if config else None)
     if mode is None:
@@ -90,27 +90,20 @@ def _read_text(path: Path) -> str:
         raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    """config.yaml is optional (hand-made run dirs); a broken one is an error, not a silent default."""
+def _read_mapping(path: Path) -> dict[str, Any]:
+    """config.yaml / summary.json: optional (a hand-made run dir; summary.json appears only when a
+    run finishes, until then config.yaml gives the mode), but a broken one is an error, not a silent default."""
     if not path.is_file():
         return {}
+    text = _read_text(path)
     try:
-        data = yaml.safe_load(_read_text(path))
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})".replace("\n", " ")) from None
-    return data if isinstance(data, dict) else {}
-
-
-def _read_summary(path: Path) -> dict[str, Any]:
-    """summary.json appears only when a run finishes; until then config.yaml gives the mode."""
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(_read_text(path))
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})".replace("\n", " ")) from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
+        raise ConfigError(f"{path}: expected a mapping of keys to values")
     return data
 
 

@@ -97,6 +97,24 @@ def test_bad_set_syntax_and_missing_file(tmp_path):
         load_config(bad)
 
 
+def test_a_key_given_twice_is_refused_with_its_line(tmp_path):
+    f = tmp_path / "twice.yaml"
+    f.write_text("train:\n  steps: 3\n  lr: 0.1\n  steps: 4\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml:4: not valid YAML \(key 'steps' given twice"):
+        load_config(f)
+
+
+def test_the_shipped_yaml_files_give_no_key_twice():
+    from splitlora_mpi.config import UniqueKeyLoader
+
+    root = Path(__file__).parent.parent
+    files = [default_config_path(), *root.glob("configs/*.yaml"), *root.glob("k8s/**/*.yaml")]
+    assert len(files) > 20
+    for f in files:
+        docs = list(yaml.load_all(f.read_text(), Loader=UniqueKeyLoader))  # raises on a key given twice
+        assert docs, f
+
+
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "splitlora_mpi", *args], cwd=cwd, capture_output=True, text=True, timeout=120
@@ -154,3 +172,10 @@ def test_every_preset_loads(preset):
 def test_client_paths_default_to_the_local_partition():
     assert load_config(overrides=["data.train_path=/d/c-{client}.txt", "data.val_path=/d/v.txt"]).data.scheme == "local"
     assert load_config().data.scheme == "iid"
+
+
+def test_every_mode_has_its_config_rules():
+    from splitlora_mpi.modes import MODES
+    from splitlora_mpi.rules import MODE_RULES
+
+    assert sorted(MODE_RULES) == sorted(MODES)

@@ -241,7 +241,7 @@ def test_resume_with_another_number_of_clients(tmp_path, monkeypatch, before, af
 
 
 def test_what_counts_as_an_elastic_launch(tmp_path, monkeypatch):
-    from splitlora_mpi.run.launch import ELASTIC_ENV, elastic_launch
+    from splitlora_mpi.run.startup import ELASTIC_ENV, elastic_launch
 
     monkeypatch.delenv(ELASTIC_ENV, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # (no ~/.mpiexec.hydra.conf)

@@ -2,7 +2,8 @@
 
 A mode decides which role each rank plays and what that role holds; the runner does the
 rest alike for every mode (data, handshake, checkpoints, export, outputs, metrics). Adding
-a mode = one module here implementing `Mode` + one line in `modes/__init__.py`.
+a mode = one module here implementing `Mode`, one line in `modes/__init__.py` and its config
+rules in `rules.py` (checked when the config loads, before any mode is imported).
 """
 
 from __future__ import annotations
@@ -88,10 +89,6 @@ class Mode(ABC):
     client_reads: ClassVar[tuple[str, ...]] = ("train", "val")
     resizable: ClassVar[bool] = False  # resumes a checkpoint written with another number of clients
 
-    def check_config(self, cfg: JobConfig) -> None:
-        """This mode's rules (raise ConfigError naming the key), checked when the config loads."""
-        return None
-
     def check_clients(self, cfg: JobConfig, num_clients: int) -> None:
         """This mode's rules on the number of clients, checked by every rank before its heavy imports."""
         return None
@@ -139,68 +136,3 @@ class Mode(ABC):
 def by_rank(per_client: dict[int, Any], fact: Callable[[Any], Any]) -> dict[str, Any]:
     """A per-client fact of summary.json: keyed by the client's rank (a JSON key: a string), in rank order."""
     return {str(rank): fact(per_client[rank]) for rank in sorted(per_client)}
-
-
-def check_partial_participation(cfg: JobConfig, mode: str) -> None:
-    """train.clients_per_round: FedAvg rounds of a sample of the clients (splitlora, fedlora)."""
-    from ..errors import ConfigError
-
-    t, every = cfg.train, cfg.checkpoint.every
-    if not t.clients_per_round:
-        return
-    if mode not in ("splitlora", "fedlora"):
-        raise ConfigError(f"config key 'train.clients_per_round': run.mode {mode} has no FedAvg rounds to sample "
-                          "clients for; expected 0 (or run.mode splitlora / fedlora)")  # fmt: skip
-    if len(cfg.split.cuts()) > 1:
-        raise ConfigError("config key 'train.clients_per_round': not built for per-client split.client_layers; "
-                          "expected 0 or one cut point")  # fmt: skip
-    if every and every % t.aggregate_every:
-        raise ConfigError(f"config key 'checkpoint.every': with train.clients_per_round clients checkpoint at the "
-                          f"end of a round; expected a multiple of train.aggregate_every ({t.aggregate_every}), "
-                          f"got {every}")  # fmt: skip
-
-
-def refuse_per_client_cuts(cfg: JobConfig) -> None:
-    """One cut point per client: a splitlora rule (its server runs the blocks in between)."""
-    from ..errors import ConfigError
-
-    if isinstance(cfg.split.client_layers, list):
-        raise ConfigError(
-            f"config key 'split.client_layers': one cut point per client needs run.mode splitlora (got "
-            f"{cfg.run.mode}); expected one integer"
-        )
-
-
-def refuse_option(cfg: JobConfig, key: str, value: str, why: str) -> None:
-    """Refuse `key: value` (a dotted config key), saying why and what to use instead."""
-    from ..errors import ConfigError
-
-    section, name = key.split(".")
-    if getattr(getattr(cfg, section), name) == value:
-        raise ConfigError(f"config key '{key}': {value} {why}")
-
-
-def refuse_cut_options(cfg: JobConfig) -> None:
-    """The rules of a mode that sends no activations (every rank holds the whole model)."""
-    from ..errors import ConfigError
-
-    mode, s = cfg.run.mode, cfg.split
-    if cfg.privacy.clip:
-        raise ConfigError(
-            f"config key 'privacy.clip': privacy protects cut-layer activations, which run.mode {mode} "
-            "does not send; expected 0 or run.mode splitlora / sl"
-        )
-    refuse_per_client_cuts(cfg)
-    if s.label_private or s.tail_layers:
-        raise ConfigError(
-            f"config key 'split.label_private': run.mode {mode} sends no activations; expected false "
-            "or run.mode splitlora / sl"
-        )
-    if cfg.comm.micro_batches > 1:
-        raise ConfigError(
-            "config key 'comm.micro_batches': micro-batches pipeline the plain split; expected 1 with "
-            f"split.label_private or run.mode {mode}"
-        )
-    refuse_option(cfg, "split.server_update", "sequential",
-                  f"steps the server once per client's activations, which run.mode {mode} does not send; "
-                  "expected joint or run.mode splitlora")  # fmt: skip

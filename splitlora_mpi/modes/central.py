@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import CLIENT, JobConfig
-from ..errors import ConfigError
-from .base import Lead, Mode, Setup, check_partial_participation, refuse_cut_options, refuse_option
+from .base import Lead, Mode, Setup
 
 
 class Central(Mode):
@@ -14,17 +12,6 @@ class Central(Mode):
     one_rank = True
     lead_role = "central"
     lead_reads = ("train", "val")
-
-    def check_config(self, cfg: JobConfig) -> None:
-        check_partial_participation(cfg, "central")
-        refuse_cut_options(cfg)
-        refuse_option(cfg, "train.fedavg_weights", "uniform",
-                      "weights a FedAvg, which central does not run; expected tokens")  # fmt: skip
-        if CLIENT in (cfg.data.train_path or "") and cfg.data.clients < 1:
-            raise ConfigError(
-                "config key 'data.clients': run.mode central with {client} paths trains on the union of the "
-                "files of clients 1..N; expected N ≥ 1"
-            )
 
     def lead(self, s: Setup) -> Lead:
         from ..roles.whole import WholeModel

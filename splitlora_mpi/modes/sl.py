@@ -4,19 +4,11 @@
 from __future__ import annotations
 
 from ..config import JobConfig
-from .base import ClientRole, Lead, Mode, Setup, check_partial_participation, refuse_option, refuse_per_client_cuts
+from .base import ClientRole, Lead, Mode, Setup
 
 
 class SL(Mode):
     name = "sl"
-
-    def check_config(self, cfg: JobConfig) -> None:
-        check_partial_participation(cfg, "sl")
-        refuse_per_client_cuts(cfg)
-        refuse_option(cfg, "split.server_update", "sequential",
-                      "is what sl's server does anyway (one client per step); expected joint")  # fmt: skip
-        refuse_option(cfg, "train.fedavg_weights", "uniform",
-                      "weights a FedAvg, which sl does not run (its model travels); expected tokens")  # fmt: skip
 
     def lead(self, s: Setup) -> Lead:
         from ..roles.turns import TurnServer

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..config import JobConfig
 from ..errors import ConfigError
-from .base import ClientRole, Lead, Mode, Setup, check_partial_participation, refuse_option
+from .base import ClientRole, Lead, Mode, Setup
 
 
 def check_cut_points(cfg: JobConfig, num_clients: int) -> None:
@@ -23,22 +23,6 @@ def check_cut_points(cfg: JobConfig, num_clients: int) -> None:
 class SplitLoRA(Mode):
     name = "splitlora"
     resizable = True
-
-    def check_config(self, cfg: JobConfig) -> None:
-        check_partial_participation(cfg, "splitlora")
-        if cfg.split.server_update == "sequential":
-            if cfg.comm.micro_batches > 1:
-                refuse_option(cfg, "split.server_update", "sequential",
-                              "steps the server on each client's whole batch; expected joint with "
-                              "comm.micro_batches > 1 (or comm.micro_batches 1)")  # fmt: skip
-            if cfg.split.label_private:
-                refuse_option(cfg, "split.server_update", "sequential",
-                              "is not built for split.label_private (the loss on the clients' tails); expected "
-                              "joint")  # fmt: skip
-        if len(cfg.split.cuts()) > 1:
-            refuse_option(cfg, "train.fedavg_weights", "uniform",
-                          "is not built for per-client cut points (the server's copies of client blocks join "
-                          "their FedAvg by tokens); expected tokens")  # fmt: skip
 
     def check_clients(self, cfg: JobConfig, num_clients: int) -> None:
         check_cut_points(cfg, num_clients)

@@ -9,6 +9,7 @@ import resource
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,9 +30,9 @@ from ..wire.messages import Channel
 from . import checkpoint, preflight
 from .handshake import client_handshake, server_handshake
 from .join import JoinDesk
-from .launch import Startup, elastic_launch
 from .outputs import holdings, summary, write_model_outputs
 from .runlog import RunLog
+from .startup import Startup, elastic_launch
 
 
 def start(
@@ -49,7 +50,9 @@ def start(
         transport = LocalWorld(1).transport(0, cfg.comm.timeout_s, metrics)
     _set_threads(transport.local_size)
     if joined_at is not None:
-        _run_client(cfg, mode_of(cfg.run.mode), transport, stop_requested, checked, startup, cfg.elastic, joined_at)
+        _run_client(
+            Rank(cfg, mode_of(cfg.run.mode), transport, stop_requested, checked, startup), cfg.elastic, joined_at
+        )
         return
     run_rank(cfg, transport, stop_requested, checked, startup, elastic_launch())
 
@@ -82,47 +85,54 @@ def run_rank(
         checked = preflight.check(cfg, mode, transport.rank, transport.size)
         startup.lap("preflight")
     why_not = "a plain launch" if not elastic else mode.not_elastic(cfg)
+    rank = Rank(cfg, mode, transport, stop_requested, checked, startup)
     if transport.rank == SERVER:
-        _run_lead(cfg, mode, transport, stop_requested, checked, startup, why_not)
+        _run_lead(rank, why_not)
     else:
-        _run_client(cfg, mode, transport, stop_requested, checked, startup, None if why_not else cfg.elastic)
+        _run_client(rank, None if why_not else cfg.elastic)
 
 
 # ---------------------------------------------------------------- the two kinds of rank
 
 
-def _run_lead(
-    cfg: JobConfig,
-    mode: Mode,
-    transport: Transport,
-    stop_requested: Callable[[], bool],
-    checked: preflight.Checked,
-    startup: Startup,
-    not_elastic: str | None,
-) -> None:
+@dataclass
+class Rank:
+    """What every rank brings to its role: its config, mode and transport, the stop flag, its
+    preflight result and its start-up clock."""
+
+    cfg: JobConfig
+    mode: Mode
+    transport: Transport
+    stop_requested: Callable[[], bool]
+    checked: preflight.Checked
+    startup: Startup
+
+
+def _run_lead(r: Rank, not_elastic: str | None) -> None:
     """`not_elastic`: why a lost client ends the job (None: an elastic run)."""
+    cfg, mode, transport = r.cfg, r.mode, r.transport
     clients = list(range(1, transport.size))
     m = transport.metrics
     elastic = None if not_elastic else cfg.elastic
     roster = Roster(clients, transport, elastic)
-    error, found, fingerprint = checked.error, None, cfg.fingerprint()
+    error, found, fingerprint = r.checked.error, None, cfg.fingerprint()
     if error is None:
         try:
-            s = _setup(cfg, transport, checked.examples, elastic, roster)
+            s = _setup(cfg, transport, r.checked.examples, elastic, roster)
             fingerprint["tokenizer"] = s.tokenizer.fingerprint()
             lead = mode.lead(s)
             _serve_metrics(cfg, m, transport.local_rank)
             found = _find_checkpoint(cfg, mode, transport.size)
         except ConfigError as e:
             error = str(e)
-    startup.lap("build")
+    r.startup.lap("build")
 
     def share(hellos: dict[int, Any]) -> dict[str, Any]:
         return {"resume": found.step if found else None, **mode.share(cfg, hellos)}
 
     shared_val = cfg.data.scheme != "local"
     hellos = server_handshake(transport, clients, fingerprint, error, share, shared_val)  # (raises any error)
-    startup.lap("handshake")
+    r.startup.lap("handshake")
     transport.open_clients_group()
     lead.meet(hellos)
     reports = hellos or {SERVER: _hello(s, lead)}  # (alone, rank 0 is its own client)
@@ -166,7 +176,7 @@ def _run_lead(
         share = lambda hellos: {"resume": None, **mode.share(cfg, hellos)}  # noqa: E731
         desk = JoinDesk(cfg, transport, fingerprint, transport.size, share)
         roster.admit = desk.admit
-    lead.run(on_step, found.step if found else 0, on_checkpoint, stop_requested)
+    lead.run(on_step, found.step if found else 0, on_checkpoint, r.stop_requested)
     if desk is not None:
         desk.close()
     state = lead.adapter_state()
@@ -183,7 +193,7 @@ def _run_lead(
     by_kind["control"] += m.received_from_ranks() - before  # the statistics messages themselves
     parts = {"0": holdings(mode.lead_role, lead.parts), **by_rank(stats, lambda st: st["holdings"])}
     examples = by_rank(reports, lambda h: {"examples": h["train_rows"], "tokens": h["train_tokens"]})
-    startup_s = {"0": startup.report(), **by_rank(stats, lambda st: st["startup_s"])}
+    startup_s = {"0": r.startup.report(), **by_rank(stats, lambda st: st["startup_s"])}
     facts = {**mode.summary(lead, stats, _peak_rss_mb()), "num_clients": len(clients) + len(roster.joined) or 1}
     log.close(summary(cfg, log, transport.size, bytes=by_kind, **facts, examples_by_client=examples,
                       model_parts=parts, startup_s=startup_s, **_membership(roster)))  # fmt: skip
@@ -198,33 +208,25 @@ def _run_lead(
     _finish_metrics(cfg, m)
 
 
-def _run_client(
-    cfg: JobConfig,
-    mode: Mode,
-    transport: Transport,
-    stop_requested: Callable[[], bool],
-    checked: preflight.Checked,
-    startup: Startup,
-    elastic: ElasticConfig | None,
-    joined_at: int | None = None,
-) -> None:
+def _run_client(r: Rank, elastic: ElasticConfig | None, joined_at: int | None = None) -> None:
     """`joined_at`: the step during which this client joined the running job (run/join.py)."""
+    cfg, mode, transport = r.cfg, r.mode, r.transport
     clients = list(range(1, transport.size))
     metrics = transport.metrics
     hello: dict[str, Any] = {}
-    error, fingerprint = checked.error, cfg.fingerprint()
+    error, fingerprint = r.checked.error, cfg.fingerprint()
     if error is None:
         try:
-            s = _setup(cfg, transport, checked.examples, elastic)
+            s = _setup(cfg, transport, r.checked.examples, elastic)
             fingerprint["tokenizer"] = s.tokenizer.fingerprint()
             role = mode.client(s)
             _serve_metrics(cfg, metrics, transport.local_rank)
             hello = _hello(s, role)
         except ConfigError as e:
             error = str(e)
-    startup.lap("build")
+    r.startup.lap("build")
     verdict = client_handshake(transport, fingerprint, hello, error)
-    startup.lap("handshake")
+    r.startup.lap("handshake")
     role.accept(verdict)
     if joined_at is None:
         transport.open_clients_group()
@@ -250,7 +252,7 @@ def _run_client(
         resume = ClientTurns(transport, cfg).sit_out(joined_at, role.trainer.schedule_to, role.take_sum,
                                                      lambda last, stop: role.end_step(last, stop, on_checkpoint),
                                                      on_checkpoint)  # fmt: skip
-    role.run(resume or 0, on_checkpoint, stop_requested)
+    role.run(resume or 0, on_checkpoint, r.stop_requested)
     exporter = mode.exporter(cfg, clients)
     if exporter is not None and (elastic or transport.rank == exporter):  # (elastic: every live client sends it)
         adapter = {k: v.detach().cpu().numpy() for k, v in role.parts[0].adapter_state().items()}
@@ -261,7 +263,7 @@ def _run_client(
         "trainable_params": sum(p.trainable_numel() for p in role.parts),
         "sent": metrics.sent_by_kind(),
         "holdings": holdings("client", role.parts),
-        "startup_s": startup.report(),
+        "startup_s": r.startup.report(),
     }
     transport.send_object(SERVER, STATS, stats)
     if elastic:  # rank 0 has written every output
