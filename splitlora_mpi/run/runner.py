@@ -30,7 +30,7 @@ from . import checkpoint, preflight
 from .handshake import client_handshake, server_handshake
 from .join import JoinDesk
 from .launch import Startup, elastic_launch
-from .outputs import holdings, summary, write_model_outputs
+from .outputs import done_line, holdings, summary, write_model_outputs
 from .runlog import RunLog
 
 
@@ -196,6 +196,7 @@ def _run_lead(
     else:
         transport.barrier("finishing")
     _finish_metrics(cfg, m)
+    print(done_line(cfg), flush=True)
 
 
 def _run_client(
