@@ -41,9 +41,10 @@ training (config.yaml data.format):
 A prompt too long for the model's positions with the new tokens keeps its first tokens (a note
 on stderr).
 
-output: per prompt, '> ' and the prompt (each of its lines), then the completion (surrounding
-whitespace stripped, cut at the end-of-sequence token), then a blank line. --json: one object per
-line, {"prompt": ..., "completion": ...} (chat adds "messages").
+output: per prompt, '> ' and the prompt (each of its lines; e2e: the MR, jsonl: the prompt text,
+chat: as given), then the completion (surrounding whitespace stripped, cut at the end-of-sequence
+token), then a blank line. --json: one object per line, {"prompt": ..., "completion": ...} (chat
+adds "messages").
 
 example:
   python -m splitlora_mpi.generate runs/splitlora --prompt 'name : The Punter | food : Indian'
@@ -53,9 +54,14 @@ example:
 @dataclass(frozen=True)
 class Prompt:
     text: str  # as given
-    where: str  # for error messages: '--prompt 2', 'FILE:3', 'stdin:1'
+    where: str  # for error messages: '--prompt 2', '--file FILE:3', 'stdin:1'
     content: str = ""  # e2e / jsonl: the prompt proper
     messages: tuple[dict[str, str], ...] = ()  # chat
+
+    @property
+    def shown(self) -> str:
+        """What the output calls the prompt: the MR / prompt text that was completed, or the chat line."""
+        return self.content or self.text
 
 
 # ---------------------------------------------------------------- command line
@@ -132,12 +138,12 @@ def generate_run(args: argparse.Namespace) -> None:
     for prompt, row in zip(prompts, ids):
         text = complete(model, tok, row, args, prompt.where)
         if args.json:
-            obj: dict[str, Any] = {"prompt": prompt.text, "completion": text}
+            obj: dict[str, Any] = {"prompt": prompt.shown, "completion": text}
             if prompt.messages:
                 obj["messages"] = list(prompt.messages)
             print(json.dumps(obj, ensure_ascii=False), flush=True)
         else:
-            quoted = "".join(f"> {line}\n" for line in prompt.text.split("\n"))
+            quoted = "".join(f"> {line}\n" for line in prompt.shown.split("\n"))
             print(f"{quoted}{text}\n", flush=True)
 
 
