@@ -25,7 +25,15 @@ LAUNCH = """how to launch:
   python -m splitlora_mpi --set run.mode=central    the one-rank baseline needs no mpirun
 
 config reference: every key with its default and meaning is in the README ("Configuration
-reference") and in configs/default.yaml; --print-config shows the resolved config."""
+reference") and in configs/default.yaml; --print-config shows the resolved config.
+
+the other commands (each with --help):
+  python -m splitlora_mpi.elastic -n N+1 [options]  a launch that goes on when clients fail
+  python -m splitlora_mpi.evaluate RUN_DIR          E2E NLG scores of a finished run
+  python -m splitlora_mpi.generate RUN_DIR --prompt TEXT
+                                                    completions of a finished run's model
+  python -m splitlora_mpi.plot RUN_DIR ...          convergence figure of runs
+  python -m splitlora_mpi.prepare_model             a GGUF checkpoint as a model directory"""
 ABORT_GRACE_S = 0.5
 EXIT_STOPPED = 143  # 128 + SIGTERM: stopped by a signal, checkpoint written
 

@@ -149,6 +149,8 @@ def test_cli_help_says_how_to_launch_and_where_the_keys_are(capsys):
     assert done.value.code == 0
     assert "mpirun -n N+1 python -m splitlora_mpi" in out and "run.mode=central" in out and "no mpirun" in out
     assert "Configuration" in out and "configs/default.yaml" in out
+    for command in ("elastic", "evaluate", "generate", "plot", "prepare_model"):
+        assert f"python -m splitlora_mpi.{command} " in out, command
 
 
 def test_readme_documents_every_key():

@@ -170,9 +170,10 @@ def test_no_fault_elastic_is_bit_identical_to_plain(tmp_path):
     ]
 
 
-def test_after_a_loss_fedavg_is_the_token_weighted_mean_of_the_survivors(tmp_path, monkeypatch):
+def test_after_a_loss_fedavg_is_the_token_weighted_mean_of_the_survivors(tmp_path, monkeypatch, capsys):
     """Client 2 vanishes in step 6; the averages of steps 8 and 12 must equal the weighted mean
-    of the survivors' adapters and weights, computed here from what each survivor held."""
+    of the survivors' adapters and weights, computed here from what each survivor held. The
+    elastic ending, too, ends with where the outputs are."""
     seen: dict[int, list[tuple[int, dict, float, dict]]] = {}
     train_step, average = Client.train_step, Client.average
 
@@ -194,6 +195,9 @@ def test_after_a_loss_fedavg_is_the_token_weighted_mean_of_the_survivors(tmp_pat
     run_in_process(load_config(None, [f"run.out_dir={out}", *ELASTIC_SETS]), 3, elastic=True)
     s = run_summary(out)
     assert [(x["rank"], x["step"]) for x in s["clients_lost"]] == [(2, 6)]
+    out_lines = capsys.readouterr().out.splitlines()
+    assert out_lines[-2].startswith("finished 12 steps with 2 of 3 clients (lost: 2 at step 6"), out_lines[-2:]
+    assert out_lines[-1].startswith(f"done: adapter {out}/adapter, summary {out}/summary.json; next: "), out_lines[-1]
     assert len(seen[1]) == len(seen[3]) == 3 and len(seen[2]) == 1  # rounds at steps 4, 8, 12
     for round_ in (1, 2):
         states = [seen[r][round_][1] for r in (1, 3)]

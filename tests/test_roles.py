@@ -216,3 +216,54 @@ def test_pretrained_local_model_and_bpe_tokenizer(tmp_path):
     assert config_json["base_model_name_or_path"] == str(model_dir)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), out / "adapter")
     assert {n.split(".h.")[1][0] for n, _ in model.named_parameters() if "lora_A" in n} == {"0", "1"}
+
+
+# ---------------------------------------------------------------- the end of a run
+
+
+@pytest.mark.parametrize(("mode", "clients"), [("central", 1), ("splitlora", 2), ("sl", 2), ("fedlora", 2)])
+def test_the_last_line_says_where_the_outputs_are_and_what_to_run_next(tmp_path, monkeypatch, capsys, mode, clients):
+    """After everything is written; the out_dir as the user gave it (relative here)."""
+    from splitlora_mpi.run.runner import run_in_process
+
+    monkeypatch.chdir(tmp_path)
+    sets = [f"run.out_dir=runs/{mode}", f"run.mode={mode}", "train.steps=2", "train.eval_every=0"]
+    run_in_process(load_config(None, sets), clients)
+    last = capsys.readouterr().out.splitlines()[-1]
+    run = f"runs/{mode}"
+    assert last == (
+        f"done: adapter {run}/adapter, summary {run}/summary.json; next: python -m splitlora_mpi.evaluate {run} "
+        f"or python -m splitlora_mpi.generate {run} --prompt 'name : The Punter | food : Indian | area : riverside'"
+    )
+    assert (tmp_path / run / "adapter" / "adapter_config.json").is_file()
+    assert run_summary(tmp_path / run)["status"] == "complete"
+
+
+@pytest.mark.parametrize(
+    ("sets", "next_"),
+    [
+        (["data.format=chat", "run.name=talk"], "python -m splitlora_mpi.generate runs/talk --prompt 'Hello!'"),
+        (
+            ["data.format=jsonl", "run.out_dir=/tmp/my run"],
+            "python -m splitlora_mpi.evaluate '/tmp/my run' "
+            "--data v.jsonl or python -m splitlora_mpi.generate '/tmp/my run' --prompt TEXT",
+        ),
+        (
+            ["data.format=jsonl", "data.train_path=t{client}.jsonl", "data.val_path=v{client}.jsonl"],
+            "python -m splitlora_mpi.evaluate runs/splitlora --data FILE or python -m splitlora_mpi.generate "
+            "runs/splitlora --prompt TEXT",
+        ),
+        (
+            ["data.format=e2e", "run.out_dir=out"],
+            "python -m splitlora_mpi.evaluate out --data v.jsonl or "
+            "python -m splitlora_mpi.generate out --prompt 'name : The Punter | food : Indian | area : riverside'",
+        ),
+    ],
+)
+def test_the_last_line_names_the_commands_of_the_data_format(sets, next_):
+    """Chat runs cannot be scored; jsonl runs are evaluated on a file (their own validation file
+    when there is one); paths are quoted for the shell."""
+    from splitlora_mpi.run.outputs import done_line
+
+    cfg = load_config(None, ["data.train_path=t.jsonl", "data.val_path=v.jsonl", *sets])
+    assert done_line(cfg).split("; next: ")[1] == next_

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..config import JobConfig
+from ..config import CLIENT, JobConfig
 from ..fsutil import atomic_dir
 from ..model import SplitPart, build_base, export_adapter
 from .runlog import RunLog
@@ -56,3 +57,19 @@ def summary(cfg: JobConfig, log: RunLog, world_size: int, **facts: Any) -> dict[
         "privacy": {"clip": cfg.privacy.clip, "noise_std": cfg.privacy.clip * cfg.privacy.noise_multiplier},
         **facts,
     }
+
+
+def done_line(cfg: JobConfig) -> str:
+    """Rank 0's last line: where the adapter and summary.json are and the commands that use them
+    (paths as the user gave run.out_dir: relative stays relative)."""
+    out = cfg.out_dir
+    run = shlex.quote(str(out))
+    where = f"done: adapter {out / 'adapter'}, summary {out / 'summary.json'}"
+    example = {"e2e": "name : The Punter | food : Indian | area : riverside", "chat": "Hello!"}.get(cfg.data.format)
+    generate = f"python -m splitlora_mpi.generate {run} --prompt {shlex.quote(example) if example else 'TEXT'}"
+    if cfg.data.format == "chat":  # (evaluate scores prompt / completion data only)
+        return f"{where}; next: {generate}"
+    val = cfg.data.val_path  # (evaluate's default data is the packaged E2E sample)
+    data = val if val and CLIENT not in val else None if cfg.data.format == "e2e" else "FILE"
+    evaluate = f"python -m splitlora_mpi.evaluate {run}" + (f" --data {shlex.quote(data)}" if data else "")
+    return f"{where}; next: {evaluate} or {generate}"

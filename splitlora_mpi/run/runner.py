@@ -30,7 +30,7 @@ from ..wire.messages import Channel
 from . import checkpoint, preflight
 from .handshake import client_handshake, server_handshake
 from .join import JoinDesk
-from .outputs import holdings, summary, write_model_outputs
+from .outputs import done_line, holdings, summary, write_model_outputs
 from .runlog import RunLog
 from .startup import Startup, elastic_launch
 
@@ -206,6 +206,7 @@ def _run_lead(r: Rank, not_elastic: str | None) -> None:
     else:
         transport.barrier("finishing")
     _finish_metrics(cfg, m)
+    print(done_line(cfg), flush=True)
 
 
 def _run_client(r: Rank, elastic: ElasticConfig | None, joined_at: int | None = None) -> None:
