@@ -81,7 +81,8 @@ def test_the_server_reads_no_client_data_and_each_client_only_its_own(tmp_path, 
     }
     assert set(k for k, v in s["bytes"].items() if v) == {"activations", "gradients", "labels", "adapters", "control"}
     # the audit can fail: central reads every client's file on rank 0
-    r = run_cmd([*audit, *sets, "--set", "run.mode=central", "--set", "data.clients=2"], cwd=tmp_path, timeout=300)
+    central = ["--set", "run.mode=central", "--set", "data.clients=2", "--set", f"run.out_dir={tmp_path}/central"]
+    r = run_cmd([*audit, *sets, *central], cwd=tmp_path, timeout=300)  # (its own out_dir: the split run's is finished)
     assert r.returncode != 0 and "rank 0 may not read" in r.stderr
 
 
