@@ -112,9 +112,16 @@ class DataConfig:
     val_path: str | None = _f(
         None, "validation file; null = the packaged held-out E2E sample; may contain {client} like train_path"
     )
+    val_limit: int | None = _f(
+        None,
+        "validate on the first N meaning representations of each validation file (e2e, all their "
+        "references; other formats: the first N rows); null = all",
+        min=1,
+    )
     format: Literal["e2e", "jsonl", "chat"] = _f(
         "e2e",
-        "e2e: 'meaning representation||text' lines; jsonl: prompt/completion objects; chat: "
+        "e2e: 'meaning representation||text' lines, or a .csv file with columns mr and ref (the official "
+        "E2E release); jsonl: prompt/completion objects; chat: "
         '{"messages": [{"role", "content"}, ...]} objects, rendered with the tokenizer\'s chat template',
     )
     max_seq_len: int = _f(128, "tokens per row (rows are padded or truncated to this)", min=8)

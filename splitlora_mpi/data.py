@@ -21,6 +21,7 @@ import numpy as np
 
 from .chat import Messages, encode_chat, parse_chat
 from .config import CLIENT, JobConfig, local_or_hub
+from .e2e import read_csv
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -134,7 +135,8 @@ def packaged_data_paths() -> tuple[Path, Path]:
 
 
 def read_examples(path: str | Path, fmt: str) -> list[Example]:
-    """Parse a whole file up front, so bad data fails at start-up with file:line, not mid-run."""
+    """Parse a whole file up front, so bad data fails at start-up with file:line, not mid-run.
+    e2e: 'MR||text' lines, or a .csv file with columns mr and ref (e2e.read_csv)."""
     if fmt not in FORMATS:
         raise ConfigError(f"config key 'data.format': expected one of {', '.join(FORMATS)}, got {fmt!r}")
     path = Path(path)
@@ -147,6 +149,11 @@ def read_examples(path: str | Path, fmt: str) -> list[Example]:
     except UnicodeDecodeError as e:
         line = path.read_bytes()[: e.start].count(b"\n") + 1
         raise ConfigError(f"data file {path}:{line}: not UTF-8 text (binary data?)") from None
+    if fmt == "e2e" and path.suffix.lower() == ".csv":  # the official E2E release
+        examples = [Example(mr, ref, mr) for mr, ref in read_csv(text, path)]
+        if not examples:
+            raise ConfigError(f"data file {path}: no examples (only a header), expected rows with columns mr and ref")
+        return examples
     parse = {"e2e": _parse_e2e, "jsonl": _parse_jsonl, "chat": _parse_chat}[fmt]
     # split on "\n" only: splitlines() also breaks on U+2028, form feeds, ... (wrong line numbers)
     examples = [parse(line, f"{path}:{i}") for i, line in enumerate(text.split("\n"), 1) if line.strip()]
@@ -367,20 +374,32 @@ def train_val_paths(cfg: JobConfig) -> tuple[str, str]:
 def read_split(cfg: JobConfig, which: str, client: int | None) -> list[Example]:
     """The training (`which="train"`) or validation examples this rank reads: client `client`'s
     own file for a {client} path; with client None (central) the union of the files of clients
-    1..data.clients, in client order."""
+    1..data.clients, in client order. data.val_limit applies to each validation file."""
     path = train_val_paths(cfg)[0 if which == "train" else 1]
     fmt = cfg.data.format
+    limit = cfg.data.val_limit if which == "val" else None
     if CLIENT not in path:
-        return read_examples(path, fmt)
+        return first_groups(read_examples(path, fmt), limit, fmt)
     examples = []
     for c in [client] if client is not None else range(1, cfg.data.clients + 1):
         own = path.replace(CLIENT, str(c))
         try:
-            examples += read_examples(own, fmt)
+            examples += first_groups(read_examples(own, fmt), limit, fmt)
         except ConfigError as e:
             reason = str(e).removeprefix(f"data file {own}").lstrip(":")
             raise ConfigError(f"client {c}: config key 'data.{which}_path': {own}:{reason}") from None
     return examples
+
+
+def first_groups(examples: list[Example], limit: int | None, fmt: str) -> list[Example]:
+    """data.val_limit: the rows of the first `limit` meaning representations (e2e: every reference
+    of each, wherever in the file), or the first `limit` rows (other formats); None: all."""
+    if limit is None:
+        return examples
+    if fmt != "e2e":
+        return examples[:limit]
+    keep = set(list(dict.fromkeys(ex.group for ex in examples))[:limit])
+    return [ex for ex in examples if ex.group in keep]
 
 
 def rows_of(cfg: JobConfig, groups: list[str], num_clients: int, rank: int) -> list[int]:

@@ -4,12 +4,12 @@ training prompt `MR ||`, greedy or beam search, prompts of similar length batche
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .progress import Progress
 
 
 def load_model(base: str, adapter: Path | None) -> Any:
@@ -63,24 +63,20 @@ def decode(
     model: Any, tok: Any, prompts: list[list[int]], max_seq_len: int, args: Any, beams: int, label: str
 ) -> list[str]:
     """Predictions in prompt order; prompts of similar length batched together (less padding), at least
-    ~10 batches so that a progress line comes every ~10% (beam search on a CPU can take minutes)."""
+    ~10 batches so that progress lines (every ~10 s, beam search on a CPU can take minutes) and the
+    estimate of the time left come often enough."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     size = max(1, min(args.batch_size, math.ceil(len(order) / 10)))
     out: list[str] = [""] * len(prompts)
-    done, shown, t0 = 0, 0, time.perf_counter()
+    progress = Progress(label, len(order), "MRs")
     for start in range(0, len(order), size):
         idx = order[start : start + size]
         texts = generate(model, tok, [prompts[i] for i in idx], max_seq_len, args.max_new_tokens, beams,
                          args.no_repeat_ngram_size if beams > 1 else 0)  # fmt: skip
         for i, text in zip(idx, texts):
             out[i] = text
-        done += len(idx)
-        if done * 10 // len(order) > shown or done == len(order):  # a line every ~10%
-            shown = done * 10 // len(order)
-            print(
-                f"{label}: {done}/{len(order)} MRs ({100 * done // len(order)}%), {time.perf_counter() - t0:.1f} s",
-                flush=True,
-            )
+        progress.add(len(idx))
+    progress.finish(always=True)
     return out
 
 

@@ -5,11 +5,10 @@ E2E NLG Challenge scores of decoded text (BLEU, NIST, METEOR, ROUGE-L, CIDEr).
 
 How: the base model (RUN_DIR/base, else the adapter's `base_model_name_or_path`) with the run's
 LoRA adapter merged decodes every unique meaning representation (MR) of the data file (default:
-the packaged held-out E2E sample) from the training prompt `MR ||`, greedily and/or with beam
-search. The predictions are scored like the challenge's official e2e-metrics script, multi-reference
-and at corpus level:
-
-Scores (scores.py) follow the challenge's official e2e-metrics script; decoding is decoding.py.
+the run's data.val_path, null there: the packaged held-out E2E sample; never the training file
+by accident: MRs also in the run's training data are counted and reported) from the training
+prompt `MR ||`, greedily and/or with beam search (decoding.py). The predictions are scored like
+the challenge's official e2e-metrics script, multi-reference and at corpus level (scores.py).
 Writes RUN_DIR/eval/predictions_<decoding>.txt (one line per MR, in MR order), references.txt (the
 e2e-metrics multi-reference format: an MR's references on consecutive lines, a blank line between
 MRs) and scores.json, each replaced atomically. Exit codes: 0 done; 2 bad input (one `error:` line
@@ -26,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from .cli import OneLineParser
-from .config import JobConfig, load_config
+from .config import CLIENT, JobConfig, load_config
 from .decoding import decode, group_references, load_model, prompt_ids, references_text
+from .e2e import mr_key
 from .errors import ConfigError
 from .scores import METRICS, SCALE, implementation, java_available, meteor_note, score_corpora
 
@@ -43,9 +43,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--data",
         type=Path,
-        help="file to evaluate on, in the run's data format (E2E: 'MR||reference' lines, e.g. the challenge's "
-        "test set converted to it); "
-        "default: the packaged held-out sample (25 MRs of the E2E validation split)",
+        help="file to evaluate on, in the run's data format (E2E: 'MR||reference' lines or the challenge's CSV "
+        "with columns mr,ref, e.g. testset_w_refs.csv); default: the run's data.val_path (null there: the "
+        "packaged held-out sample, 25 MRs of the E2E validation split)",
     )
     p.add_argument("--limit", type=int, help="evaluate only the first N unique MRs")
     p.add_argument("--decoding", nargs="+", choices=DECODINGS, default=list(DECODINGS), help="decodings to run")
@@ -96,7 +96,7 @@ def _require_packages() -> None:
 
 def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
     """Decode, score, write RUN_DIR/eval/; returns what scores.json holds."""
-    from .data import load_tokenizer, packaged_data_paths, read_examples
+    from .data import load_tokenizer, read_examples
     from .fsutil import write_atomic
 
     run: Path = args.run_dir
@@ -104,11 +104,13 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
     base = base_model_path(run)
     if cfg.data.format == "chat":
         raise ConfigError("run.data.format chat: the E2E scores need prompt / completion data (e2e or jsonl)")
-    if args.data is None and cfg.data.format != "e2e":
-        raise ConfigError(f"--data: required for a run trained on {cfg.data.format} data (the default is E2E)")
-    data = args.data if args.data is not None else packaged_data_paths()[1]
+    data = args.data if args.data is not None else run_val_path(run, cfg)
     mrs, refs = group_references(read_examples(data, cfg.data.format))
     mrs, refs = mrs[: args.limit], refs[: args.limit]
+    overlap = overlap_with_train(run, cfg, mrs)
+    if overlap:
+        say(f"warning: {overlap} of {len(mrs)} MRs in {data} are also in the training data ({run}'s "
+            f"data.train_path {cfg.data.train_path or 'null: the packaged training sample'})")  # fmt: skip
     java = not args.pure_python and java_available()
     tok = load_tokenizer(cfg.model.tokenizer)
     model = load_model(base, run / "adapter")
@@ -137,6 +139,7 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
         "n_references": sum(len(r) for r in refs),
         "data": str(Path(data).resolve()),
         "limit": args.limit,
+        "overlap_with_train": overlap,
         "decoding": {
             "max_new_tokens": args.max_new_tokens,
             "greedy": {"num_beams": 1},
@@ -157,6 +160,50 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
 def say(line: str) -> None:
     """Progress on stdout (decoding and scoring print theirs there too)."""
     print(line, flush=True)
+
+
+def run_val_path(run: Path, cfg: JobConfig) -> Path:
+    """The run's own validation file (data.val_path; null: the packaged held-out sample), which
+    training kept apart from its training file."""
+    from .data import train_val_paths
+
+    if cfg.data.val_path is None and cfg.data.format != "e2e":
+        raise ConfigError(f"--data: required for a run trained on {cfg.data.format} data (the default is E2E)")
+    path = train_val_paths(cfg)[1]
+    if CLIENT in path:
+        raise ConfigError(f"--data: required: {run}'s data.val_path {path} names each client's own file")
+    if not Path(path).is_file():
+        raise ConfigError(f"--data: required: {run}'s data.val_path {path} is not a file here (paths in its "
+                          "config.yaml are relative to where training ran)")  # fmt: skip
+    return Path(path)
+
+
+def overlap_with_train(run: Path, cfg: JobConfig, mrs: list[str]) -> int | None:
+    """How many of `mrs` (meaning representations, or prompts) the run trained on; None when its
+    training files cannot be read here (a warning says why)."""
+    from .data import read_examples, train_val_paths
+
+    path = train_val_paths(cfg)[0]
+    files = [path] if CLIENT not in path else [path.replace(CLIENT, c) for c in client_ranks(run, cfg)]
+    try:
+        if not files:
+            raise ConfigError(f"no client files known for data.train_path {path} (no {run}/summary.json)")
+        trained = [ex.prompt for f in files for ex in read_examples(f, cfg.data.format)]
+    except ConfigError as e:
+        say(f"warning: cannot check the MRs against the training data: {e}")
+        return None
+    key = mr_key if cfg.data.format == "e2e" else str  # (e2e: either notation, see e2e.mr_key)
+    seen = {key(mr) for mr in trained}
+    return sum(key(mr) in seen for mr in mrs)
+
+
+def client_ranks(run: Path, cfg: JobConfig) -> list[str]:
+    """The clients whose own training files ({client} paths) the run read: its summary's, else 1..data.clients."""
+    try:
+        ranks = [r for r in json.loads((run / "summary.json").read_text())["examples_by_client"] if r != "0"]
+    except (OSError, ValueError, KeyError, TypeError):
+        ranks = []
+    return ranks or [str(c) for c in range(1, cfg.data.clients + 1)]  # (central: rank 0 read data.clients files)
 
 
 def load_run_config(run: Path) -> JobConfig:

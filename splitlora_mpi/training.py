@@ -17,6 +17,7 @@ from .config import TrainConfig
 from .data import EncodedData, make_batch, target_count
 from .errors import Diverged, Stopped
 from .model import SplitPart
+from .progress import Progress
 
 OnStep = Callable[[int, float, int, float, "float | None"], None]  # after a step: step, loss, tokens, lr, val loss
 
@@ -124,14 +125,18 @@ def eval_loss_sum(
 
 @torch.no_grad()
 def evaluate_whole(client_part: SplitPart, server_part: SplitPart, val: EncodedData, batch_size: int) -> float:
-    """Validation loss of the whole model (both parts in one process) over every row."""
+    """Validation loss of the whole model (both parts in one process) over every row (rank 0:
+    progress lines when it takes long)."""
     device = next(client_part.parameters()).device
     total, count = 0.0, 0
+    progress = Progress("eval", len(val))
     for start in range(0, len(val), batch_size):
         batch = make_batch(val, list(range(start, min(start + batch_size, len(val))))).to(device)
         loss_sum, n = eval_loss_sum(server_part, client_part(batch.input_ids, batch.attention_mask),
                                     batch.attention_mask, batch.labels)  # fmt: skip
         total, count = total + loss_sum, count + n
+        progress.add(len(batch.input_ids))
+    progress.finish()
     return total / count
 
 

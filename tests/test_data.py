@@ -18,6 +18,7 @@ from splitlora_mpi.data import (
     read_examples,
     shard,
 )
+from splitlora_mpi.e2e import mr_key
 from splitlora_mpi.errors import ConfigError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -116,6 +117,106 @@ def test_missing_file_directory_and_format(tmp_path):
         read_examples(tmp_path, "e2e")
     with pytest.raises(ConfigError, match="data.format"):
         read_examples(_write(tmp_path, "a||b\n"), "csv")
+
+
+CSV_HEADER = "mr,ref,extra\n"
+
+
+def test_read_the_official_e2e_csv(tmp_path):
+    """The release's files: a header naming mr and ref (any order, other columns ignored), quoted
+    fields with commas, quotes and newlines, CRLF line ends, a byte-order mark."""
+    text = (
+        "\ufeffid,ref,mr\r\n"
+        '1,"The Eagle, a pub, is cheap.","name[The Eagle], eatType[pub], priceRange[cheap]"\r\n'
+        "\r\n"
+        '2,"It said ""hi""\non two lines.",name[Zizzi]\r\n'
+    )
+    ex = read_examples(_write(tmp_path, text, "devset.csv"), "e2e")
+    mr = "name[The Eagle], eatType[pub], priceRange[cheap]"
+    assert ex == [Example(mr, "The Eagle, a pub, is cheap.", mr),
+                  Example("name[Zizzi]", 'It said "hi"\non two lines.', "name[Zizzi]")]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "content, line, expected",
+    [
+        ("mr,text\nname[A],A .\n", 1, "the header has no column 'ref'"),
+        ("MR;ref\nname[A];A .\n", 1, "the header has no column 'mr'"),
+        (CSV_HEADER + '"name[A], area[x]",A .,1\nname[B]\n', 3, "1 field(s), expected columns mr and ref"),
+        (CSV_HEADER + "name[A],A .,1\n\nname[B],,1\n", 4, "empty ref"),
+        (CSV_HEADER + 'name[A],A .,1\n"name[B]"x,B .,1\n', 3, "not valid CSV"),
+        ("", None, "expected a CSV header with columns mr and ref"),
+        (CSV_HEADER, None, "no examples (only a header)"),
+    ],
+)
+def test_bad_csv_names_file_and_line(tmp_path, content, line, expected):
+    p = _write(tmp_path, content, "trainset.csv")
+    with pytest.raises(ConfigError) as e:
+        read_examples(p, "e2e")
+    msg = str(e.value)
+    assert str(p) in msg and expected in msg and "\n" not in msg, msg
+    if line is not None:
+        assert f"{p}:{line}:" in msg, msg
+
+
+def test_a_bad_csv_row_is_one_error_line_and_exit_2(tmp_path):
+    """Through the command: rank 0's one `error:` line with file:line, exit 2, nothing run."""
+    import subprocess
+    import sys
+
+    bad = _write(tmp_path, CSV_HEADER + "name[A],A .,1\nname[B],B .,1\nname[C]\n", "trainset.csv")
+    cmd = [sys.executable, "-m", "splitlora_mpi", "--set", "run.mode=central", "--set", f"data.train_path={bad}"]
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and f"{bad}:4:" in r.stderr, r.stderr
+    assert not (tmp_path / "runs" / "central" / "metrics.jsonl").exists()
+
+
+def test_mr_key_matches_the_two_notations():
+    official = "name[The Eagle], eatType[coffee shop], priceRange[£20-25], customer rating[3 out of 5]"
+    converted = "name : The Eagle | Type : coffee shop | price : £ 20 - 25 | customer rating : 3 out of 5"
+    assert mr_key(official) == mr_key(converted)
+    assert mr_key(official) != mr_key(official.replace("£20-25", "cheap"))
+    assert mr_key("name : A | area : x") == mr_key("area[x], name[A]") != mr_key("name[A]")
+
+
+def _cfg(**data):
+    from splitlora_mpi.config import load_config
+
+    return load_config(None, [f"data.{k}={v}" for k, v in data.items()])
+
+
+def test_val_limit_keeps_every_reference_of_the_first_mrs(tmp_path):
+    from splitlora_mpi.data import read_split
+
+    lines = ["a||1", "b||2", "a||3", "c||4", "b||5", "d||6"]
+    val = _write(tmp_path, "".join(x + "\n" for x in lines), "val.txt")
+    got = read_split(_cfg(val_path=val, val_limit=2), "val", None)
+    assert [(e.prompt, e.completion) for e in got] == [("a", "1"), ("b", "2"), ("a", "3"), ("b", "5")]
+    assert len(read_split(_cfg(val_path=val), "val", None)) == 6  # null: all
+    assert len(read_split(_cfg(val_path=val, val_limit=99), "val", None)) == 6
+    assert len(read_split(_cfg(val_path=val, val_limit=1), "train", None)) == 1168  # training data: untouched
+    packaged = read_split(_cfg(val_limit=3), "val", None)
+    assert len({e.group for e in packaged}) == 3 and len(packaged) < 168
+
+
+def test_val_limit_counts_rows_in_other_formats_and_each_client_file(tmp_path):
+    from splitlora_mpi.data import read_split
+
+    for c in (1, 2):
+        rows = [f'{{"prompt": "q{c}", "completion": " {i}"}}' for i in range(4)]  # one prompt: rows, not groups
+        _write(tmp_path, "".join(r + "\n" for r in rows), f"val-{c}.jsonl")
+        _write(tmp_path, "".join(r + "\n" for r in rows), f"train-{c}.jsonl")
+    cfg = _cfg(format="jsonl", train_path=tmp_path / "train-{client}.jsonl",
+               val_path=tmp_path / "val-{client}.jsonl", val_limit=3)  # fmt: skip
+    assert [e.completion for e in read_split(cfg, "val", 2)] == [" 0", " 1", " 2"]
+    cfg.run.mode, cfg.data.clients = "central", 2  # the union of the clients' files: the first 3 of each
+    assert [e.prompt for e in read_split(cfg, "val", None)] == ["q1"] * 3 + ["q2"] * 3
+
+
+def test_val_limit_must_be_positive():
+    with pytest.raises(ConfigError, match=r"'data.val_limit': expected a value ≥ 1, got 0"):
+        _cfg(val_limit=0)
 
 
 # ---------------------------------------------------------------- encoding
@@ -230,6 +331,16 @@ def test_packaged_sample_is_held_out_and_licensed():
     assert len(train_mrs) == 150 and len(val_mrs) == 25 and not train_mrs & val_mrs
     notice = (train.parent / "README.md").read_text()
     assert "CC BY-SA 4.0" in notice and "Novikova" in notice and "creativecommons.org/licenses/by-sa/4.0" in notice
+
+
+def test_packaged_train_and_held_out_files_share_no_mr():
+    """From the files' text, not the parser: no meaning representation of val.txt is in train.txt,
+    not even in another notation or spacing (e2e.mr_key), so evaluating on the held-out sample
+    never scores training data."""
+    train, val = ({ln.split("||", 1)[0] for ln in p.read_text().split("\n") if ln} for p in packaged_data_paths())
+    assert (len(train), len(val)) == (150, 25)
+    assert not train & val
+    assert not {mr_key(mr) for mr in train} & {mr_key(mr) for mr in val}
 
 
 @pytest.mark.skipif(not (SHARED / "e2e" / "valid.txt").is_file(), reason="shared E2E data not present")

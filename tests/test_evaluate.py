@@ -195,6 +195,7 @@ def test_command_writes_predictions_references_and_scores(run_dir, sample):
     scores = json.loads((out / "scores.json").read_text())
     assert scores["n_mrs"] == 5 and scores["n_references"] == sum(len(r) for r in refs[:5])
     assert scores["limit"] == 5 and Path(scores["data"]) == packaged_data_paths()[1].resolve()
+    assert scores["overlap_with_train"] == 0 and "warning" not in done.stdout
     assert "meteor_note" in scores and "scale" in scores
     for decoding in ("greedy", "beam"):
         s = scores[decoding]
@@ -219,11 +220,21 @@ def test_bad_run_dir_is_one_line_and_exit_2(tmp_path):
         ("missing_data", "not found"),
         ("limit_0", "--limit: expected an integer ≥ 1, got 0"),
         ("beams_0", "--beams: expected an integer ≥ 1, got 0"),
+        ("client_val_path", "data.val_path /d/val-{client}.txt names each client's own file"),
+        ("gone_val_path", "data.val_path /gone/val.txt is not a file here"),
+        ("bad_csv", "data.csv:3: empty ref"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(run_dir, capsys, case, expected):
     args = [str(run_dir)]
-    if case == "no_adapter":
+    if case == "client_val_path":
+        _set_run_data(run_dir, "data.train_path=/d/train-{client}.txt", "data.val_path=/d/val-{client}.txt")
+    elif case == "gone_val_path":
+        _set_run_data(run_dir, "data.val_path=/gone/val.txt")
+    elif case == "bad_csv":
+        (run_dir / "data.csv").write_text('mr,ref\n"name[A], area[x]",A is in x.\nname[B], \n')
+        args += ["--data", str(run_dir / "data.csv")]
+    elif case == "no_adapter":
         (run_dir / "adapter" / "adapter_config.json").unlink()
     elif case == "missing_base":  # no base/, and the adapter names a base directory that is gone
         (run_dir / "base" / "config.json").unlink()
@@ -239,6 +250,49 @@ def test_bad_input_is_one_line_and_exit_2(run_dir, capsys, case, expected):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
     assert not (run_dir / "eval").exists()
+
+
+def _set_run_data(run: Path, *sets: str) -> None:
+    cfg = load_config(None, ["model.tokenizer=byte", "data.max_seq_len=128", *sets])
+    (run / "config.yaml").write_text(cfg.to_yaml())
+
+
+def _evaluate(run: Path, capsys, *args: str) -> tuple[str, dict]:
+    """A quick evaluation in this process: (its stdout, scores.json)."""
+    fast = ["--decoding", "greedy", "--max-new-tokens", "4", "--pure-python"]
+    assert ev.main([str(run), *fast, *args]) == 0, capsys.readouterr().err
+    return capsys.readouterr().out, json.loads((run / "eval" / "scores.json").read_text())
+
+
+def test_default_data_is_the_runs_validation_file_and_overlap_is_reported(run_dir, capsys):
+    val, train = run_dir / "val.txt", run_dir / "train.txt"
+    val.write_text("name : A||A .\nname : B||B .\nname : B||B too .\nname : C||C .\n")
+    train.write_text("name : Z||Z .\nname : B||B again .\n")
+    _set_run_data(run_dir, f"data.train_path={train}", f"data.val_path={val}")
+    out, scores = _evaluate(run_dir, capsys)
+    assert Path(scores["data"]) == val.resolve() and scores["n_mrs"] == 3 and scores["n_references"] == 4
+    assert scores["overlap_with_train"] == 1
+    warning = f"warning: 1 of 3 MRs in {val} are also in the training data ({run_dir}'s data.train_path {train})\n"
+    assert warning in out, out
+    out, scores = _evaluate(run_dir, capsys, "--data", str(train))  # scoring on the training file: all of it
+    assert scores["overlap_with_train"] == 2 and f"warning: 2 of 2 MRs in {train}" in out
+
+
+def test_the_packaged_held_out_sample_never_overlaps_but_a_csv_of_training_mrs_does(run_dir, capsys):
+    """Default data (null = packaged): 0 of 25 MRs overlap. The official CSV notation of a packaged
+    training MR (`familyFriendly[no]` for `family friendly : no`) is recognised as the same MR."""
+    out, scores = _evaluate(run_dir, capsys)
+    assert scores["n_mrs"] == 25 and scores["overlap_with_train"] == 0 and "warning" not in out
+    csv_file = run_dir / "devset.csv"
+    rows = [
+        'mr,ref\n"name[Alimentum], area[city centre], familyFriendly[no]",',
+        '"Alimentum, in the city centre, is not family-friendly."\n',
+        '"name[Nowhere], area[riverside]",Nowhere is by the river.\n',
+    ]
+    csv_file.write_text("".join(rows))
+    out, scores = _evaluate(run_dir, capsys, "--data", str(csv_file))
+    assert scores["n_mrs"] == 2 and scores["overlap_with_train"] == 1
+    assert f"warning: 1 of 2 MRs in {csv_file} are also in the training data ({run_dir}'s data.train_path null" in out
 
 
 def test_unknown_option_is_one_line_and_exit_2(capsys):

@@ -4,6 +4,7 @@ the union of the same files."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -80,5 +81,24 @@ def test_the_server_reads_no_client_data_and_each_client_only_its_own(tmp_path, 
     }
     assert set(k for k, v in s["bytes"].items() if v) == {"activations", "gradients", "labels", "adapters", "control"}
     # the audit can fail: central reads every client's file on rank 0
-    r = run_cmd([*audit, *sets, "--set", "run.mode=central", "--set", "data.clients=2"], cwd=tmp_path, timeout=300)
+    central = ["--set", "run.mode=central", "--set", "data.clients=2", "--set", f"run.out_dir={tmp_path}/central"]
+    r = run_cmd([*audit, *sets, *central], cwd=tmp_path, timeout=300)  # (its own out_dir: the split run's is finished)
     assert r.returncode != 0 and "rank 0 may not read" in r.stderr
+
+
+def test_val_limit_validates_on_the_first_mrs_of_each_clients_file(tmp_path, client_files):
+    """data.val_limit=3 on per-client files is a run whose validation files hold only the first
+    3 MRs of each (same validation losses, exactly), and differs from validating on all of them."""
+    limited = run_local(tmp_path / "limited", 2, *EQUIV, *_paths(client_files), "data.val_limit=3")
+    cut = tmp_path / "cut"
+    shutil.copytree(client_files, cut)
+    for c in (1, 2):
+        lines = (client_files / f"val-{c}.txt").read_text().splitlines()
+        first = list(dict.fromkeys(ln.split("||", 1)[0] for ln in lines))[:3]
+        (cut / f"val-{c}.txt").write_text("".join(ln + "\n" for ln in lines if ln.split("||", 1)[0] in first))
+    by_hand = run_local(tmp_path / "by_hand", 2, *EQUIV, *_paths(cut))
+    whole = run_local(tmp_path / "whole", 2, *EQUIV, *_paths(client_files))
+    vals = {name: [r["val_loss"] for r in run_rows(out) if "val_loss" in r]
+            for name, out in (("limited", limited), ("by_hand", by_hand), ("whole", whole))}  # fmt: skip
+    assert len(vals["limited"]) == 2 and vals["limited"] == vals["by_hand"] != vals["whole"]
+    assert [r["train_loss"] for r in run_rows(limited)] == [r["train_loss"] for r in run_rows(whole)]

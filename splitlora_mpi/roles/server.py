@@ -20,6 +20,7 @@ from ..config import JobConfig
 from ..data import target_count
 from ..errors import Diverged, Stopped
 from ..model import SplitPart
+from ..progress import Progress
 from ..training import (
     OnStep,
     PartTrainer,
@@ -334,8 +335,10 @@ class Server:
     def evaluate(self, step: int) -> float:
         """Validation loss over every live client's rows, round by round (one batch per client)."""
         active = self.evaluators(step)
-        batches = {c: -(-self.eval_rows[c] // self.cfg.train.batch_size) for c in active}
+        b = self.cfg.train.batch_size
+        batches = {c: -(-self.eval_rows[c] // b) for c in active}
         total, count = 0.0, 0
+        progress = Progress("eval", sum(self.eval_rows[c] for c in active))
         for i in range(max(batches.values(), default=0)):
             due = [c for c in active if batches[c] > i and c in self.roster.live]
             uploads = self.roster.keep(due, self.channel.recv(due, EVAL, self.loss.upload, self.roster.give_up_s), step)
@@ -343,6 +346,8 @@ class Server:
                 out, h = self.forward(uploads, step, requires_grad=False)
                 loss_sum, n = self.loss.evaluate(step, out, uploads, h)
                 total, count = total + loss_sum, count + n
+            progress.add(sum(min(b, self.eval_rows[c] - i * b) for c in uploads))
+        progress.finish()
         val = total / count if count else float("nan")
         self.metrics.val_loss(val)
         return val

@@ -336,6 +336,10 @@ def _announce(cfg: JobConfig, mode: Mode, hellos: dict[int, Any]) -> None:
     by_client = ", ".join(f"{r}={x['train_rows']} ({x['train_tokens']:,} tokens, {x['val_rows']} validation)"
                           for r, x in sorted(hellos.items()))  # fmt: skip
     print(f"{mode.lead_role}: examples by client {by_client}", flush=True)
+    if cfg.data.val_limit:
+        what = "meaning representations" if cfg.data.format == "e2e" else "rows"
+        print(f"{mode.lead_role}: validation on the first {cfg.data.val_limit} {what} of the validation file "
+              "(data.val_limit)", flush=True)  # fmt: skip
     if cfg.privacy.clip:
         p = cfg.privacy
         print(f"{mode.lead_role}: clients clip each example's activations to L2 norm {p.clip:g} and add Gaussian "
