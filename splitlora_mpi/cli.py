@@ -24,8 +24,8 @@ LAUNCH = """how to launch:
                                                     (modes splitlora, sl, fedlora; e.g. -n 9: 8 clients)
   python -m splitlora_mpi --set run.mode=central    the one-rank baseline needs no mpirun
 
-config reference: every key with its default and meaning is in the README ("Configuration
-reference") and in configs/default.yaml; --print-config shows the resolved config."""
+config reference: every key with its default and meaning is in docs/configuration.md
+("Configuration reference") and in configs/default.yaml; --print-config shows the resolved config."""
 ABORT_GRACE_S = 0.5
 EXIT_STOPPED = 143  # 128 + SIGTERM: stopped by a signal, checkpoint written
 
