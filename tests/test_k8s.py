@@ -28,7 +28,7 @@ CRD_FILES = {
 
 def _tool(name: str) -> str:
     path = shutil.which(name)
-    assert path, f"{name} not found on PATH (README, Tests: how to install it)"
+    assert path, f"{name} not found on PATH (docs/testing.md: how to install it)"
     return path
 
 

@@ -31,7 +31,7 @@ RANKS = 3
 
 def _tool(name: str) -> str:
     path = shutil.which(name)
-    assert path, f"{name} not found: install the Debian packages prometheus and prometheus-pushgateway (see README)"
+    assert path, f"{name} not found: install the Debian packages prometheus and prometheus-pushgateway: docs/testing.md"
     return path
 
 

@@ -25,7 +25,7 @@ def official_loop(sets: list[str], clients: int) -> tuple[list[float], dict[str,
     losses weighted by target tokens; the adapter: client 1's blocks and the server's, under
     their PEFT keys). Line numbers: gpt2_ft_sfl.py.
 
-    Deviations from the official code, on purpose (README "The official schedule"): it counts
+    Deviations from the official code, on purpose (docs/design.md, "The official schedule"): it counts
     `aggregate_step` in client steps (train_step += 1 per client, l. 362), here rounds
     (train.aggregate_every); it averages copies taken at the forward of the last N+1 client
     steps (l. 364-365: pre-update weights, one client twice), here each client's adapter after

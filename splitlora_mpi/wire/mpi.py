@@ -5,7 +5,7 @@ enough to go eagerly into a receive posted before it arrives, and its bytes stra
 the tensor's memory (no copy on CPU). The receiver matches each payload with a matched
 probe (`Improbe`), so it sizes the buffer without waiting for the header, and receives into
 a pooled buffer that is reused once no tensor built on it is alive (no allocation, no page
-faults per message). Measured (README, Benchmarks): the header in the payload's message
+faults per message). Measured (docs/benchmarks.md, Systems): the header in the payload's message
 costs a copy (0.4-0.6 of raw mpi4py throughput) or a struct datatype MPICH packs (0.7-0.76);
 the second message costs 1-4 % at the MPI level.
 
