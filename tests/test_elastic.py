@@ -134,7 +134,7 @@ def test_a_frozen_client_that_comes_back_reads_its_eviction_and_leaves_alone(tmp
     assert s["participants"][-1][1:] == [150, 2] and run_rows(job.out)[-1]["step"] == 150
 
 
-@pytest.mark.parametrize("mode", ["splitlora", "fedlora"])
+@pytest.mark.parametrize("mode", ["splitlora", "fedlora", "sl"])
 def test_below_min_clients_checkpoints_and_exits_1(tmp_path, mode):
     job = ElasticJob(tmp_path / "few", 4, "elastic.min_clients=3", f"run.mode={mode}")
     fault_after(job, 1, 6, signal.SIGKILL)
