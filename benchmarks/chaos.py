@@ -1,6 +1,6 @@
 """Chaos benchmark of elastic runs: `python benchmarks/chaos.py [--runs 20] [--seed 0]`.
 
-Each run is a seeded draw: a mode (splitlora / fedlora), 1-3 faults (kill -9 or SIGSTOP of a
+Each run is a seeded draw: a mode (splitlora / fedlora / sl), 1-3 faults (kill -9 or SIGSTOP of a
 distinct client, never all of them) at random steps, and in half the splitlora runs a client
 joining at a random step (`--join`, each client on its own file), launched with `python -m
 splitlora_mpi.elastic`. Per run: finished or not, seconds from the last fault to the end, the
@@ -147,7 +147,7 @@ def client_files(work: Path, clients: int, mode: str) -> list[str]:
 
 def one_run(seed: int, work: Path, ranks: int = 5) -> dict:
     rng = random.Random(seed)
-    mode = rng.choice(["splitlora", "fedlora"])
+    mode = rng.choice(["splitlora", "fedlora", "sl"])
     victims = rng.sample(range(1, ranks), rng.randint(1, min(3, ranks - 2)))
     plan = sorted((rng.randint(3, 30), v, rng.choice(sorted(FAULTS))) for v in victims)
     if mode == "splitlora" and rng.random() < 0.5:

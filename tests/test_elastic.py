@@ -16,13 +16,14 @@ import time
 
 import pytest
 import torch
-from chaos import JOB, TIMEOUT_S, ElasticJob, one_run
+from chaos import JOB, TIMEOUT_S, ElasticJob, one_run, outputs_complete
 from conftest import run_adapter, run_rows, run_summary
 
 from splitlora_mpi import aggregate
 from splitlora_mpi.config import load_config
 from splitlora_mpi.errors import Stopped
 from splitlora_mpi.roles.client import Client
+from splitlora_mpi.roles.relay import RelayClient
 from splitlora_mpi.run import checkpoint
 from splitlora_mpi.run.runner import run_in_process
 from splitlora_mpi.wire.local import Vanish
@@ -35,8 +36,10 @@ def fault_after(job: ElasticJob, rank: int, step: int, sig: int) -> tuple[int, f
     return pid, at
 
 
-@pytest.mark.parametrize("mode", ["splitlora", "fedlora"])
+@pytest.mark.parametrize("mode", ["splitlora", "fedlora", "sl"])
 def test_a_killed_client_is_dropped_and_the_others_finish(tmp_path, mode):
+    """sl: client 2 (turns 5-8, 21-24, 37-40 of 4 clients) is killed while waiting; it is found
+    when its turn comes and the turn goes to client 3."""
     job = ElasticJob(tmp_path / mode, 5, f"run.mode={mode}")
     _, killed_at = fault_after(job, 2, 10, signal.SIGKILL)
     code, log = job.finish()
@@ -48,7 +51,7 @@ def test_a_killed_client_is_dropped_and_the_others_finish(tmp_path, mode):
     assert s["clients_lost"][0]["step"] >= 10
     assert re.search(r"finished 40 steps with 3 of 4 clients \(lost: 2 at step \d+, killed\)", log), log
     assert run_rows(job.out)[-1]["step"] == 40
-    assert s["participants"][-1][1:] == [40, 3]  # the last steps over the 3 survivors
+    assert s["participants"][-1][1:] == [40, 1 if mode == "sl" else 3]  # the last steps over the 3 survivors
     assert ended_after < TIMEOUT_S + 30
     adapter = run_adapter(job.out)  # the exported adapter is complete and finite
     assert adapter and all(torch.isfinite(t).all() for t in adapter.values())
@@ -131,7 +134,7 @@ def test_a_frozen_client_that_comes_back_reads_its_eviction_and_leaves_alone(tmp
     assert s["participants"][-1][1:] == [150, 2] and run_rows(job.out)[-1]["step"] == 150
 
 
-@pytest.mark.parametrize("mode", ["splitlora", "fedlora"])
+@pytest.mark.parametrize("mode", ["splitlora", "fedlora", "sl"])
 def test_below_min_clients_checkpoints_and_exits_1(tmp_path, mode):
     job = ElasticJob(tmp_path / "few", 4, "elastic.min_clients=3", f"run.mode={mode}")
     fault_after(job, 1, 6, signal.SIGKILL)
@@ -160,9 +163,12 @@ ELASTIC_SETS = ["train.steps=12", "train.aggregate_every=4", "train.eval_every=0
                 "elastic.client_timeout_s=1"]  # fmt: skip
 
 
-def test_no_fault_elastic_is_bit_identical_to_plain(tmp_path):
+@pytest.mark.parametrize("mode", ["splitlora", "sl"])
+def test_no_fault_elastic_is_bit_identical_to_plain(tmp_path, mode):
+    """sl elastic: the client model travels through rank 0 instead of client to client, same tensors."""
     for name, elastic in (("plain", False), ("elastic", True)):
-        run_in_process(load_config(None, [f"run.out_dir={tmp_path / name}", *ELASTIC_SETS]), 3, elastic=elastic)
+        sets = [f"run.out_dir={tmp_path / name}", f"run.mode={mode}", *ELASTIC_SETS]
+        run_in_process(load_config(None, sets), 3, elastic=elastic)
     plain, elastic_run = run_adapter(tmp_path / "plain"), run_adapter(tmp_path / "elastic")
     assert all(torch.equal(plain[k], elastic_run[k]) for k in plain)
     assert [r["train_loss"] for r in run_rows(tmp_path / "plain")] == [
@@ -207,6 +213,58 @@ def test_after_a_loss_fedavg_is_the_token_weighted_mean_of_the_survivors(tmp_pat
             assert all(torch.equal(seen[r][round_][3][k], expected[k]) for k in expected)
         with_lost = aggregate.weighted_mean([*states, seen[2][0][3]], [*weights, weights[0]])
         assert not all(torch.equal(with_lost[k], expected[k]) for k in expected)  # (the check can fail)
+
+
+def test_sl_after_a_loss_mid_turn_the_next_client_goes_on_from_rank_0s_copy(tmp_path, monkeypatch):
+    """sl, 3 clients, turns of 4 steps; client 2 vanishes in step 6 (its turn: 5-8). Client 3 takes
+    step 6 and the rest of the turn from rank 0's copy of step 4 (client 2's step 5 is lost with
+    it), client 1 the next turn from client 3's handoff; the run is deterministic, the adapter loads."""
+    train_step, take_over = RelayClient.train_step, RelayClient._take_over
+    handoffs: list[tuple[int, int, int | None]] = []
+
+    def vanishing_train_step(self, step, *args, **kwargs):
+        if self.transport.rank == 2 and step == 6:
+            raise Vanish()
+        return train_step(self, step, *args, **kwargs)
+
+    def recorded_take_over(self, word, first):
+        handoffs.append((self.transport.rank, word["step"], word["carried"] and word["carried"]["step"]))
+        take_over(self, word, first)
+
+    monkeypatch.setattr(RelayClient, "train_step", vanishing_train_step)
+    monkeypatch.setattr(RelayClient, "_take_over", recorded_take_over)
+    for run in ("a", "b"):
+        handoffs.clear()
+        sets = [f"run.out_dir={tmp_path / run}", "run.mode=sl", "train.log_every=1", *ELASTIC_SETS]
+        run_in_process(load_config(None, sets), 3, elastic=True)
+        assert handoffs == [(1, 0, None), (2, 4, 4), (3, 5, 4), (1, 8, 8)]
+    s, rows = run_summary(tmp_path / "a"), run_rows(tmp_path / "a")
+    assert s["status"] == "complete" and [(x["rank"], x["step"]) for x in s["clients_lost"]] == [(2, 6)]
+    assert [r["step"] for r in rows] == list(range(1, 13)) and all(r["train_loss"] > 0 for r in rows)
+    assert s["participants"] == [[1, 12, 1]]
+    a, b = run_adapter(tmp_path / "a"), run_adapter(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["train_loss"] for r in rows] == [r["train_loss"] for r in run_rows(tmp_path / "b")]
+    assert outputs_complete(tmp_path / "a")  # (PeftModel.from_pretrained loads it)
+
+
+def test_sl_elastic_resume_is_bit_identical(tmp_path):
+    """Stopped mid-turn (step 6 of turn 5-8): the checkpoint holds rank 0's copy of the client model
+    (no client file); resumed, the run equals an uninterrupted one."""
+    sets = ["run.mode=sl", "checkpoint.every=3", "train.log_every=1", *ELASTIC_SETS]
+    run_in_process(load_config(None, [f"run.out_dir={tmp_path / 'straight'}", *sets]), 3, elastic=True)
+    out = tmp_path / "resumed"
+    cfg = load_config(None, [f"run.out_dir={out}", *sets])
+    rows = out / "metrics.jsonl"
+    with pytest.raises(Stopped):
+        run_in_process(cfg, 3, lambda: rows.exists() and len(rows.read_text().splitlines()) >= 5, elastic=True)
+    found, _ = checkpoint.newest_complete(out, 4, cfg.fingerprint())
+    assert found is not None and found.step == 6 and sorted(found.files) == [0]
+    run_in_process(cfg, 3, elastic=True)
+    a, b = run_adapter(tmp_path / "straight"), run_adapter(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["train_loss"] for r in run_rows(tmp_path / "straight")] == [r["train_loss"] for r in run_rows(out)]
+    assert run_summary(out)["tokens_by_client"] == run_summary(tmp_path / "straight")["tokens_by_client"]
 
 
 # ---------------------------------------------------------------- resume with another number of clients

@@ -112,11 +112,11 @@ class Mode(ABC):
         """What rank 0 tells every client with the handshake's verdict, beyond the resume step."""
         return {}
 
-    def savers(self, cfg: JobConfig, step: int, clients: list[int]) -> list[int]:
-        """The clients whose state a checkpoint of `step` holds."""
+    def savers(self, cfg: JobConfig, step: int, clients: list[int], elastic: bool = False) -> list[int]:
+        """The clients whose state a checkpoint of `step` holds (`elastic`: an elastic run)."""
         return clients
 
-    def exporter(self, cfg: JobConfig, clients: list[int]) -> int | None:
+    def exporter(self, cfg: JobConfig, clients: list[int], elastic: bool = False) -> int | None:
         """The client rank that sends rank 0 the final client-side adapter (None: rank 0 has it)."""
         return None
 

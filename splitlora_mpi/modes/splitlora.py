@@ -20,6 +20,15 @@ def check_cut_points(cfg: JobConfig, num_clients: int) -> None:
         )
 
 
+def not_elastic_step(cfg: JobConfig) -> str | None:
+    """The split step is elastic in its plain form (splitlora, sl); why not with these options."""
+    options = {"split.label_private": cfg.split.label_private, "comm.micro_batches > 1": cfg.comm.micro_batches > 1,
+               "split.server_update sequential": cfg.split.server_update == "sequential",
+               "per-client split.client_layers": len(cfg.split.cuts()) > 1}  # fmt: skip
+    on = [k for k, v in options.items() if v]
+    return f"{on[0]} is not elastic yet" if on else None
+
+
 class SplitLoRA(Mode):
     name = "splitlora"
     resizable = True
@@ -29,11 +38,7 @@ class SplitLoRA(Mode):
 
     def not_elastic(self, cfg: JobConfig) -> str | None:
         """The plain joint step is elastic; the other schedules are not (yet)."""
-        options = {"split.label_private": cfg.split.label_private, "comm.micro_batches > 1": cfg.comm.micro_batches > 1,
-                   "split.server_update sequential": cfg.split.server_update == "sequential",
-                   "per-client split.client_layers": len(cfg.split.cuts()) > 1}  # fmt: skip
-        on = [k for k, v in options.items() if v]
-        return f"{on[0]} is not elastic yet" if on else None
+        return not_elastic_step(cfg)
 
     def takes_joins(self, cfg: JobConfig) -> bool:
         """A joining client trains on its own data ({client} paths or data.partition local)."""
@@ -57,7 +62,7 @@ class SplitLoRA(Mode):
             return {}
         return {"layout": {k: v for h in hellos.values() for k, v in h["adapter_shapes"].items()}}
 
-    def exporter(self, cfg: JobConfig, clients: list[int]) -> int | None:
+    def exporter(self, cfg: JobConfig, clients: list[int], elastic: bool = False) -> int | None:
         """After the final average every client holds the same values of its blocks: the one
         with the most blocks has them all."""
         cuts = cfg.split.cuts()

@@ -167,6 +167,7 @@ class Server:
             elif stopping:
                 self.participation.stop(step)
             val = self.evaluate(step) if is_eval_step(step, t) else None
+            self.end_step(step, stopping)
             on_step(step, loss, tokens, lr, val)
             try:
                 checkpoint_or_stop(step, self.cfg.checkpoint.every, stopping, on_checkpoint)
@@ -174,6 +175,10 @@ class Server:
                 if self.roster.below_min:
                     raise self.roster.too_few(step) from None
                 raise
+
+    def end_step(self, step: int, stopping: bool) -> None:
+        """After a step's evaluation, before its log line and checkpoint: nothing here (elastic sl
+        takes the travelling client model back, roles/relay.py)."""
 
     def active(self, step: int) -> list[int]:
         """The clients that send activations in `step` (the live ones, or this round's draw), in

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..data import shard
-from ..errors import Diverged, Stopped
+from ..errors import ConfigError, Diverged, Stopped
 from ..training import is_checkpoint_step, is_eval_step, sl_owner, sl_steps_owned
 from ..wire import HANDOFF, SERVER
 from .client import Client
@@ -45,6 +45,10 @@ class TurnServer(Server):
         return {**super().state(), "handoff_bytes": self.handoff_bytes}
 
     def load_state(self, state: dict[str, Any]) -> None:
+        if "carried" in state:  # (roles/relay.py)
+            raise ConfigError("config key 'checkpoint.resume': this sl checkpoint was written by an elastic launch "
+                              "(rank 0 holds the client model); expected python -m splitlora_mpi.elastic to resume it "
+                              "(or checkpoint.resume: never)")  # fmt: skip
         super().load_state(state)
         self.handoff_bytes = state["handoff_bytes"]
 

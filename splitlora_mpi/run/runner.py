@@ -143,12 +143,12 @@ def _run_lead(r: Rank, not_elastic: str | None) -> None:
     saved = checkpoint.from_bytes(found.files[SERVER].read_bytes()) if found else None
     if found:  # (sent before the counters are restored: uncounted on both sides, like the client's receive)
         _announce_resize(found, clients)
-        for c in mode.savers(cfg, found.step + 1, clients):
+        lead.load_state(saved["role"])  # (first: it refuses a checkpoint this launch cannot go on from)
+        for c in mode.savers(cfg, found.step + 1, clients, roster.elastic):
             # a rank with no file (more clients now, or lost before the checkpoint) adopts another's:
             # sl's next turn takes over the travelling state, a FedAvg client the averaged adapter
             source = c if c in found.files else max(found.files)
             transport.send_object(c, CHECKPOINT, (source == c, found.files[source].read_bytes()))
-        lead.load_state(saved["role"])
         roster.load_state(saved.get("roster"))
         m.load_state(saved["metrics"])
         torch.set_rng_state(saved["torch_rng"])
@@ -164,7 +164,7 @@ def _run_lead(r: Rank, not_elastic: str | None) -> None:
     def on_checkpoint(step: int) -> None:
         state = {"step": step, "role": lead.state(), "log": log.state(), "metrics": m.state(),
                  "torch_rng": torch.get_rng_state(), "roster": roster.state()}  # fmt: skip
-        savers = mode.savers(cfg, step, roster.live)
+        savers = mode.savers(cfg, step, roster.live, roster.elastic)
         states = {
             SERVER: checkpoint.to_bytes(state),
             **roster.keep(savers, transport.recv_objects(savers, CHECKPOINT, give_up_s=roster.give_up_s), step),
@@ -234,7 +234,7 @@ def _run_client(r: Rank, elastic: ElasticConfig | None, joined_at: int | None = 
     if elastic:
         transport.watch_eviction()
     resume = verdict["resume"]
-    if resume is not None and transport.rank in mode.savers(cfg, resume + 1, clients):
+    if resume is not None and transport.rank in mode.savers(cfg, resume + 1, clients, elastic is not None):
         # rank 0 holds the checkpoint and sends this client its state (or another client's)
         own, data = transport.recv_objects([SERVER], CHECKPOINT)[SERVER]
         saved = checkpoint.from_bytes(data)
@@ -254,7 +254,7 @@ def _run_client(r: Rank, elastic: ElasticConfig | None, joined_at: int | None = 
                                                      lambda last, stop: role.end_step(last, stop, on_checkpoint),
                                                      on_checkpoint)  # fmt: skip
     role.run(resume or 0, on_checkpoint, r.stop_requested)
-    exporter = mode.exporter(cfg, clients)
+    exporter = mode.exporter(cfg, clients, elastic is not None)
     if exporter is not None and (elastic or transport.rank == exporter):  # (elastic: every live client sends it)
         adapter = {k: v.detach().cpu().numpy() for k, v in role.parts[0].adapter_state().items()}
         transport.send_object(SERVER, EXPORT, adapter, kind="adapters")
@@ -365,7 +365,7 @@ def _peak_rss_mb() -> float:
 def _client_adapter(cfg: JobConfig, mode: Mode, transport: Transport, roster: Roster) -> dict[str, Any] | None:
     """The client-side adapter if a client holds it: from the mode's exporter, or (elastic) from
     the first live client, as every live one sends it (the exporter may be lost meanwhile)."""
-    exporter = mode.exporter(cfg, roster.live)
+    exporter = mode.exporter(cfg, roster.live, roster.elastic)
     if exporter is None:
         return None
     senders = list(roster.live) if roster.elastic else [exporter]
