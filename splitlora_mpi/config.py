@@ -8,6 +8,7 @@ with one line naming the key and what was expected, which the CLI turns into exi
 from __future__ import annotations
 
 import dataclasses
+import operator
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,17 +21,6 @@ import yaml
 from . import rules
 from .errors import ConfigError
 from .rules import CLIENT
-
-
-def local_or_hub(spec: str) -> str:
-    """A hub id as given, or a local path expanded. A path that is no directory raises
-    FileNotFoundError: the hub client would call it a malformed repo id."""
-    if not spec.startswith(("/", ".", "~")):
-        return spec
-    path = Path(spec).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError("no such directory")
-    return str(path)
 
 
 def _f(default: Any, help: str, **bounds: float) -> Any:
@@ -113,10 +103,7 @@ class DataConfig:
         None, "validation file; null = the packaged held-out E2E sample; may contain {client} like train_path"
     )
     val_limit: int | None = _f(
-        None,
-        "validate on the first N meaning representations of each validation file (e2e, all their "
-        "references; other formats: the first N rows); null = all",
-        min=1,
+        None, "validate on the first N MRs (e2e, all their references) or rows of each validation file", min=1
     )
     format: Literal["e2e", "jsonl", "chat"] = _f(
         "e2e",
@@ -360,18 +347,15 @@ def _describe(tp: Any) -> str:
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
 
+_BOUNDS = {"min": ("≥", operator.ge), "max": ("≤", operator.le), "gt": (">", operator.gt), "lt": ("<", operator.lt)}
+
+
 def _check_value(value: Any, tp: Any, key: str, meta: typing.Mapping[str, Any]) -> Any:
     ok, coerced = _matches(value, tp)
     if not ok:
         raise ConfigError(f"config key '{key}': expected {_describe(tp)}, got {value!r}")
     if isinstance(coerced, (int, float)) and not isinstance(coerced, bool):
-        bounds = [
-            ("min", "≥", lambda v, b: v >= b),
-            ("max", "≤", lambda v, b: v <= b),
-            ("gt", ">", lambda v, b: v > b),
-            ("lt", "<", lambda v, b: v < b),
-        ]
-        for name, sign, holds in bounds:
+        for name, (sign, holds) in _BOUNDS.items():
             if name in meta and not holds(coerced, meta[name]):
                 raise ConfigError(f"config key '{key}': expected a value {sign} {meta[name]}, got {value!r}")
     return coerced

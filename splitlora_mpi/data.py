@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from .chat import Messages, encode_chat, parse_chat
-from .config import CLIENT, JobConfig, local_or_hub
+from .config import CLIENT, JobConfig
 from .e2e import read_csv
 from .errors import ConfigError
+from .fsutil import local_or_hub
 
 if TYPE_CHECKING:
     import torch

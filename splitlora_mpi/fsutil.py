@@ -1,4 +1,5 @@
-"""Files that are either completely written or not there: outputs, checkpoints, caches."""
+"""Files that are either completely written or not there (outputs, checkpoints, caches), and
+local paths told apart from hub ids."""
 
 from __future__ import annotations
 
@@ -57,3 +58,14 @@ def check_writable(out_dir: Path) -> None:
 def say(message: str) -> None:
     """A progress or warning line on stderr (stdout may be a pipe that buffers)."""
     print(message, file=sys.stderr, flush=True)
+
+
+def local_or_hub(spec: str) -> str:
+    """A hub id as given, or a local path expanded. A path that is no directory raises
+    FileNotFoundError: the hub client would call it a malformed repo id."""
+    if not spec.startswith(("/", ".", "~")):
+        return spec
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError("no such directory")
+    return str(path)

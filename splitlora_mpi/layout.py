@@ -8,8 +8,9 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from .config import JobConfig, local_or_hub
+from .config import JobConfig
 from .errors import ConfigError
+from .fsutil import local_or_hub
 
 Role = Literal["client", "server", "full"]
 

@@ -29,8 +29,9 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.masking_utils import create_causal_mask
 
-from .config import JobConfig, local_or_hub
+from .config import JobConfig
 from .errors import ConfigError
+from .fsutil import local_or_hub
 from .layout import Role, blocks_of, cannot_load_model, check_positions
 
 log = logging.getLogger(__name__)
