@@ -106,3 +106,13 @@ def test_monitoring_objects_carry_the_release_label(overlay):
     for kind in ("PodMonitor", "PrometheusRule"):
         for o in _by_kind(objects, kind):
             assert "release" in o["metadata"].get("labels", {}), f"{name}: {kind} has no release label"
+
+
+def test_the_dashboard_configmap_carries_the_grafana_sidecar_label(overlay):
+    name, objects = overlay
+    dashboards = [c for c in _by_kind(objects, "ConfigMap") if any(k.endswith(".json") for k in c.get("data", {}))]
+    assert dashboards, f"{name}: no dashboard ConfigMap"
+    for c in dashboards:
+        assert "grafana_dashboard" in c["metadata"].get("labels", {}), (
+            f"{name}: {c['metadata']['name']} has no sidecar label"
+        )
