@@ -254,6 +254,11 @@ def test_the_last_line_says_where_the_outputs_are_and_what_to_run_next(tmp_path,
             "runs/splitlora --prompt TEXT",
         ),
         (
+            ["data.format=e2e", "data.train_path=t{client}.txt", "data.val_path=v{client}.txt"],
+            "python -m splitlora_mpi.evaluate runs/splitlora --data FILE or python -m splitlora_mpi.generate "
+            "runs/splitlora --prompt 'name : The Punter | food : Indian | area : riverside'",
+        ),
+        (
             ["data.format=e2e", "run.out_dir=out"],
             "python -m splitlora_mpi.evaluate out --data v.jsonl or "
             "python -m splitlora_mpi.generate out --prompt 'name : The Punter | food : Indian | area : riverside'",

@@ -69,7 +69,10 @@ def done_line(cfg: JobConfig) -> str:
     generate = f"python -m splitlora_mpi.generate {run} --prompt {shlex.quote(example) if example else 'TEXT'}"
     if cfg.data.format == "chat":  # (evaluate scores prompt / completion data only)
         return f"{where}; next: {generate}"
-    val = cfg.data.val_path  # (evaluate's default data is the packaged E2E sample)
-    data = val if val and CLIENT not in val else None if cfg.data.format == "e2e" else "FILE"
+    val = cfg.data.val_path
+    if val is None:  # (evaluate's default then is the packaged E2E sample)
+        data = None if cfg.data.format == "e2e" else "FILE"
+    else:  # (evaluate cannot choose among the clients' own files)
+        data = "FILE" if CLIENT in val else val
     evaluate = f"python -m splitlora_mpi.evaluate {run}" + (f" --data {shlex.quote(data)}" if data else "")
     return f"{where}; next: {evaluate} or {generate}"
