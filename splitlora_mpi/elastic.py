@@ -16,7 +16,10 @@ or loses its link is dropped and the others go on (what torchrun is to torch):
   that answered), 1 failed, 2 bad input, 143 stopped by a signal.
 
 A frozen client (SIGSTOP) keeps mpiexec waiting for it forever: once rank 0 has written the
-status, mpiexec and every rank left get --grace seconds (default 30) to end, then are killed.
+status, mpiexec and every rank left get --grace seconds (default 30) to end, then mpiexec is
+killed, and each hydra proxy that loses mpiexec kills its ranks, the stopped one included.
+(Under load mpiexec sometimes dies of SIGPIPE first, writing to the proxy of a rank that has
+exited; the proxies end their ranks the same way, and the job's code is still the status file's.)
 """
 
 from __future__ import annotations
