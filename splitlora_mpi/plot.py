@@ -92,7 +92,7 @@ def _read_text(path: Path) -> str:
 
 def _read_mapping(path: Path) -> dict[str, Any]:
     """config.yaml / summary.json: optional (a hand-made run dir; summary.json appears only when a
-    run finishes, until then config.yaml gives the mode), but a broken one is an error, not a silent default."""
+    run ends, until then config.yaml gives the mode), but a broken one is an error, not a silent default."""
     if not path.is_file():
         return {}
     text = _read_text(path)

@@ -122,9 +122,12 @@ def test_sigterm_stops_with_a_checkpoint_and_the_resume_is_bit_exact(tmp_path, s
     assert len(stopped) == 1 and "run the same command again to resume" in stopped[0]
     step = int(stopped[0].split("after step ")[1].split(";")[0])
     assert 23 <= step < STEPS and checkpoint.step_dir(tmp_path / "run", step).is_dir()
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (s["status"], s["steps"], s["clients_lost"]) == ("stopped", step, []), s
     r = run_cmd(splitlora(*FAST, "--set", "run.out_dir=run", "--set", setting, ranks=RANKS), cwd=tmp_path,
                 timeout=300)  # fmt: skip
     assert r.returncode == 0 and f"resuming from run/checkpoints/step-{step:08d}" in r.stdout, r.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "complete"
     _assert_same_run(straight(setting), tmp_path / "run")
 
 

@@ -159,7 +159,9 @@ def test_below_min_clients_checkpoints_and_exits_1(tmp_path, mode):
     assert "fewer than elastic.min_clients=3" in log
     manifests = list((job.out / "checkpoints").glob("step-*/manifest.json"))
     assert len(manifests) == 1, log
-    assert not (job.out / "summary.json").exists()
+    s = run_summary(job.out)  # what rank 0 knows of a run that ended early
+    assert s["status"] == "failed" and s["steps"] == int(manifests[0].parent.name.split("-")[1]), s
+    assert [x["rank"] for x in s["clients_lost"]] == [1] and not (job.out / "adapter").exists()
 
 
 def test_a_plain_mpirun_says_it_is_not_elastic(tmp_path):

@@ -4,14 +4,17 @@ imports torch, transformers or peft."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import MPIRUN, run_cmd, splitlora
 
 from splitlora_mpi.config import load_config
+from splitlora_mpi.errors import ConfigError
 from splitlora_mpi.modes import mode_of
-from splitlora_mpi.run.preflight import check
+from splitlora_mpi.run.preflight import check, check_previous_run
 
 GOOD = "name : A | food : B||A serves B .\n"
 HEAVY = {"torch", "transformers", "peft"}
@@ -134,3 +137,18 @@ def test_a_finished_run_of_another_config_is_refused_untouched_and_overwrite_rep
     assert r.returncode == 0, r.stderr[-3000:]
     assert load_config(out / "config.yaml").train.steps == 4
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+
+
+def test_only_a_complete_run_counts_as_finished(tmp_path):
+    """A run that stopped or failed (its summary says so) is resumed or started again by any
+    config; a complete one of another config is refused."""
+    cfg = _cfg(tmp_path)
+    out = cfg.out_dir
+    out.mkdir()
+    (out / "config.yaml").write_text(_cfg(tmp_path, "train.steps=7").to_yaml())
+    for status in ("stopped", "failed"):
+        (out / "summary.json").write_text(json.dumps({"status": status}))
+        check_previous_run(cfg)
+    (out / "summary.json").write_text(json.dumps({"status": "complete"}))
+    with pytest.raises(ConfigError, match="holds a finished run of another config"):
+        check_previous_run(cfg)

@@ -48,7 +48,7 @@ def summary(cfg: JobConfig, log: RunLog, world_size: int, **facts: Any) -> dict[
         "mode": cfg.run.mode,
         "world_size": world_size,
         "num_clients": facts.pop("num_clients"),
-        "steps": cfg.train.steps,
+        "steps": facts.pop("steps", cfg.train.steps),  # (a run that ended early: the steps it did)
         "tokens": log.tokens,
         "wall_s": round(wall, 3),
         "tokens_per_s": log.tokens / wall,

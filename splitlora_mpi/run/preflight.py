@@ -6,8 +6,10 @@ torch and built its model. The full checks still run later (the handshake)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..config import JobConfig, load_config
 from ..data import Example, check_tokenizer_path, read_split, rows_of
@@ -63,8 +65,8 @@ def check_previous_run(cfg: JobConfig) -> None:
     """A finished run in out_dir is resumed (a no-op) only by the same config: another config
     would write over it, so it is refused before anything is touched."""
     out = cfg.out_dir
-    if not (out / "summary.json").is_file() or not (out / "config.yaml").is_file():
-        return
+    if not (out / "config.yaml").is_file() or _status(out / "summary.json") != "complete":
+        return  # (a stopped or failed run is resumed from its checkpoint, or started again)
     try:
         before = load_config(out / "config.yaml").fingerprint()
     except ConfigError:
@@ -78,6 +80,13 @@ def check_previous_run(cfg: JobConfig) -> None:
             f"config key 'run.out_dir': {out} holds a finished run of another config ({shown}{more}); "
             "expected a new directory (--set run.name=NAME) or --overwrite to replace that run"
         )
+
+
+def _status(summary: Path) -> str | None:
+    try:
+        return json.loads(summary.read_text()).get("status", "complete")  # (no status: an older complete run)
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def clear_previous_run(cfg: JobConfig) -> None:

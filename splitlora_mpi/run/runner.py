@@ -16,7 +16,7 @@ import torch
 
 from ..config import ElasticConfig, JobConfig
 from ..data import EncodedData, Example, encode_examples, load_tokenizer, read_split, rows_of
-from ..errors import ConfigError
+from ..errors import ConfigError, JobFailed, Stopped
 from ..fsutil import say
 from ..metrics import Metrics
 from ..model import hf_config
@@ -176,9 +176,18 @@ def _run_lead(r: Rank, not_elastic: str | None) -> None:
         share = lambda hellos: {"resume": None, **mode.share(cfg, hellos)}  # noqa: E731
         desk = JoinDesk(cfg, transport, fingerprint, transport.size, share)
         roster.admit = desk.admit
-    lead.run(on_step, found.step if found else 0, on_checkpoint, r.stop_requested)
-    if desk is not None:
-        desk.close()
+    examples = by_rank(reports, lambda h: {"examples": h["train_rows"], "tokens": h["train_tokens"]})
+    try:
+        lead.run(on_step, found.step if found else 0, on_checkpoint, r.stop_requested)
+    except (Stopped, JobFailed) as e:  # (a known cause: the summary says how far it got; bad input writes none)
+        status = "stopped" if isinstance(e, Stopped) else "failed"
+        log.close(summary(cfg, log, transport.size, **_membership(roster, status), steps=log.last_step,
+                          num_clients=len(clients) + len(roster.joined) or 1, examples_by_client=examples,
+                          peak_rss_mb={"server": _peak_rss_mb()}))  # fmt: skip
+        raise
+    finally:
+        if desk is not None:
+            desk.close()
     state = lead.adapter_state()
     adapter = _client_adapter(cfg, mode, transport, roster)
     if adapter is not None:
@@ -192,11 +201,10 @@ def _run_lead(r: Rank, not_elastic: str | None) -> None:
         by_kind = {k: by_kind[k] + st["sent"][k] for k in by_kind}
     by_kind["control"] += m.received_from_ranks() - before  # the statistics messages themselves
     parts = {"0": holdings(mode.lead_role, lead.parts), **by_rank(stats, lambda st: st["holdings"])}
-    examples = by_rank(reports, lambda h: {"examples": h["train_rows"], "tokens": h["train_tokens"]})
     startup_s = {"0": r.startup.report(), **by_rank(stats, lambda st: st["startup_s"])}
     facts = {**mode.summary(lead, stats, _peak_rss_mb()), "num_clients": len(clients) + len(roster.joined) or 1}
     log.close(summary(cfg, log, transport.size, bytes=by_kind, **facts, examples_by_client=examples,
-                      model_parts=parts, startup_s=startup_s, **_membership(roster)))  # fmt: skip
+                      model_parts=parts, startup_s=startup_s, **_membership(roster, "complete")))  # fmt: skip
     if roster.lost or roster.joined:
         print(f"finished {cfg.train.steps} steps with {len(roster.live)} of {len(clients) + len(roster.joined)} "
               f"clients ({_changes(roster)})", flush=True)  # fmt: skip
@@ -380,9 +388,9 @@ def _changes(roster: Roster) -> str:
     return ", ".join(f"{what}: {text}" for what, text in (("lost", lost), ("joined", joined)) if text)
 
 
-def _membership(roster: Roster) -> dict[str, Any]:
-    """summary.json: how the job ended and who took part (DESIGN §4)."""
-    return {"status": "complete", "clients_lost": roster.lost, "clients_joined": roster.joined,
+def _membership(roster: Roster, status: str) -> dict[str, Any]:
+    """summary.json: how the job ended (complete / stopped / failed) and who took part (DESIGN §4)."""
+    return {"status": status, "clients_lost": roster.lost, "clients_joined": roster.joined,
             "participants": roster.participants}  # fmt: skip
 
 
