@@ -1,8 +1,8 @@
 """Chaos benchmark of elastic runs: `python benchmarks/chaos.py [--runs 20] [--seed 0]`.
 
 Each run is a seeded draw: a mode (splitlora / fedlora / sl), 1-3 faults (kill -9 or SIGSTOP of a
-distinct client, never all of them) at random steps, and in half the splitlora runs a client
-joining at a random step (`--join`, each client on its own file), launched with `python -m
+distinct client, never all of them) at random steps, and in half the splitlora and fedlora runs a
+client joining at a random step (`--join`, each client on its own file), launched with `python -m
 splitlora_mpi.elastic`. Per run: finished or not, seconds from the last fault to the end, the
 outputs complete (the adapter loads with PeftModel.from_pretrained; the newest checkpoint's
 files match their manifest), the joiner's fate, and hangs (the launcher not done within its
@@ -98,7 +98,9 @@ class ElasticJob:
         except subprocess.TimeoutExpired:
             code = None
         finally:
-            if self.proc.poll() is None:
+            if self.proc.poll() is None:  # a hang: every rank goes, not only the launcher
+                found = re.search(r"process ids by rank (.*?) \(", self.log.read_text())
+                self.stopped += [int(p.split("=")[1]) for p in found.group(1).split()] if found else []
                 self.proc.kill()
             for pid in self.stopped:
                 try:
@@ -150,21 +152,25 @@ def one_run(seed: int, work: Path, ranks: int = 5) -> dict:
     mode = rng.choice(["splitlora", "fedlora", "sl"])
     victims = rng.sample(range(1, ranks), rng.randint(1, min(3, ranks - 2)))
     plan = sorted((rng.randint(3, 30), v, rng.choice(sorted(FAULTS))) for v in victims)
-    if mode == "splitlora" and rng.random() < 0.5:
+    if mode in ("splitlora", "fedlora") and rng.random() < 0.5:
         plan = sorted([*plan, (rng.randint(3, 30), ranks, "join")])
     out = work / f"run-{seed}"
-    sets = [f"run.mode={mode}", "checkpoint.every=8", f"run.seed={seed}", "comm.timeout_s=60", *client_files(work, ranks, mode)]
+    sets = [f"run.mode={mode}", "checkpoint.every=8", f"run.seed={seed}", "comm.timeout_s=60",
+            *client_files(work, ranks, mode)]  # fmt: skip
     if any(kind == "join" for *_, kind in plan):  # (a joiner imports torch for ~7 s before it connects)
         sets.append("train.steps=100")
     start = time.monotonic()
     job = ElasticJob(out, ranks, *sets, grace_s=5)
     last, joiner = None, None
-    for step, rank, kind in plan:
-        if kind == "join":
-            joiner = job.join(step, *sets) or joiner
-            last = time.monotonic() if joiner else last
-        else:
-            last = job.fault(rank, step, FAULTS[kind]) or last
+    try:
+        for step, rank, kind in plan:
+            if kind == "join":
+                joiner = job.join(step, *sets) or joiner
+                last = time.monotonic() if joiner else last
+            else:
+                last = job.fault(rank, step, FAULTS[kind]) or last
+    except AssertionError as e:  # the job stalled before a planned fault: finish() tells a hang
+        print(f"seed {seed}: {str(e).splitlines()[0]}", flush=True)
     code, log = job.finish(HANG_S)
     end = time.monotonic()
     joined = None

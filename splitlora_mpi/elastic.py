@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -35,15 +34,9 @@ import time
 from pathlib import Path
 
 from .cli import OneLineParser
-from .run.startup import ELASTIC_ENV, STATUS_ENV
+from .run.startup import ELASTIC_ENV, STATUS_ENV, mpiexec_path
 
 FINISH_GRACE_S = 30.0
-
-
-def mpiexec_path() -> str:
-    """The mpiexec beside this python (pip's mpich wheel), else the one on PATH."""
-    beside = Path(sys.executable).parent / "mpiexec"
-    return str(beside) if beside.exists() else (shutil.which("mpiexec") or "mpiexec")
 
 
 def command(ranks: int, job_args: list[str], status_file: Path, hosts: Path | None, workdir: Path) -> list[str]:

@@ -97,9 +97,12 @@ def test_chaos_runs_end_complete_without_hangs(tmp_path, seed):
     assert row["s_after_last_fault"] < TIMEOUT_S + 30, row
 
 
-def test_a_client_joins_a_running_job(tmp_path):
+@pytest.mark.parametrize("mode", ["splitlora", "fedlora"])
+def test_a_client_joins_a_running_job(tmp_path, mode):
     """3 clients with their own files; a 4th process started mid-run with `--join` (a singleton,
-    no mpirun) gets id 4, trains from the next round on its own file, and counts in FedAvg."""
+    no mpirun) gets id 4, trains from the next round on its own file, and counts in FedAvg.
+    Before it, a request whose process never connects (a joiner that died): rank 0 leaves its
+    Accept after elastic.client_timeout_s and goes on."""
     from splitlora_mpi.data import packaged_data_paths
 
     train, val = (p.read_text().splitlines() for p in packaged_data_paths())
@@ -109,13 +112,15 @@ def test_a_client_joins_a_running_job(tmp_path):
         (data / f"train-{c}.txt").write_text("\n".join(train[(c - 1) * 200 : c * 200]) + "\n")
         (data / f"val-{c}.txt").write_text("\n".join(val[(c - 1) * 20 : c * 20]) + "\n")
     sets = [
+        f"run.mode={mode}",
         "train.steps=200",
         f"data.train_path={data}/train-{{client}}.txt",
-        f"data.val_path={data}/val-{{client}}.txt",
-    ]
+        f"data.val_path={data}/val-{{client}}.txt" if mode == "splitlora" else f"data.val_path={data}/val-1.txt",
+    ]  # (fedlora: rank 0 evaluates the average on one shared file)
     job = ElasticJob(tmp_path / "joined", 4, *sets)
     job.wait_for_step(10)
     assert (job.out / "join" / "port").is_file()
+    (job.out / "join" / "requests" / "ghost-1").write_text("")
     joiner = subprocess.run([sys.executable, "-m", "splitlora_mpi", "--join", *JOB, "--set", f"run.out_dir={job.out}",
                              *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})  # fmt: skip
@@ -123,6 +128,7 @@ def test_a_client_joins_a_running_job(tmp_path):
     assert joiner.returncode == 0, joiner.stderr[-3000:]
     assert code == 0, log
     assert "client 4: joined at step" in joiner.stdout
+    assert "a client that asked to join (ghost-1) did not connect within elastic.client_timeout_s=3 s" in log, log
     s = run_summary(job.out)
     [joined] = s["clients_joined"]
     assert joined["rank"] == 4 and 10 <= joined["step"] < 200, s["clients_joined"]

@@ -52,6 +52,7 @@ class ClientRole(Protocol):
     def state(self) -> dict[str, Any]: ...
     def load_state(self, state: dict[str, Any]) -> None: ...
     def adopt(self, saved: dict[str, Any], step: int) -> None: ...  # another client's checkpoint (resume)
+    def join(self, step: int, on_checkpoint: Callable[[int], None]) -> int: ...  # joined the running job
 
 
 @dataclass

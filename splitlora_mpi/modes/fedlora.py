@@ -15,6 +15,10 @@ class FedLoRA(Mode):
     def not_elastic(self, cfg: JobConfig) -> str | None:
         return None
 
+    def takes_joins(self, cfg: JobConfig) -> bool:
+        """A joining client trains on its own data ({client} paths or data.partition local)."""
+        return cfg.data.scheme == "local"
+
     def lead(self, s: Setup) -> Lead:
         from ..roles.fedavg import FedServer
 

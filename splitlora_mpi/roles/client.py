@@ -174,6 +174,12 @@ class Client:
             self.evaluate(step)
         checkpoint_or_stop(step, self.cfg.checkpoint.every, stopping, on_checkpoint)
 
+    def join(self, step: int, on_checkpoint: Callable[[int], None]) -> int:
+        """Joined the running job during `step`: idle until that round's average; its last step."""
+        return ClientTurns(self.transport, self.cfg).sit_out(
+            step, self.trainer.schedule_to, self.take_sum,
+            lambda last, stopping: self.end_step(last, stopping, on_checkpoint), on_checkpoint)  # fmt: skip
+
     def take_sum(self, summed: Any) -> None:
         """An idle round's end: the FedAvg of the clients that trained (rank 0 relays its sum)."""
         self.part.load_adapter_state(aggregate.mean_from_sum(summed, self.part.adapter_state()))

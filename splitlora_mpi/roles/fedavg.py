@@ -154,6 +154,26 @@ class FedClient:
         self.local.load_state(state["local"])
         self.tokens_since_average = state["tokens_since_average"]
 
+    def join(self, step: int, on_checkpoint: Callable[[int], None]) -> int:
+        """Joined the running job during `step`: idle until that round's average, then in FedAvg
+        through rank 0 (it is not in the others' Allreduce); the round's last step."""
+        assert isinstance(self.sum, ClientSum)  # (a joiner runs elastic)
+        self.sum.relay = True
+        state = self.local.adapter_state()
+        numel = sum(t.numel() for t in state.values())
+
+        def schedule_to(last: int) -> None:
+            for trainer in (self.local.client, self.local.server):
+                trainer.schedule_to(last)
+
+        def take_sum(summed: np.ndarray) -> None:
+            self.local.load_adapter_state(_Round(summed, numel, []).average(state))
+
+        def after_round(last: int, stopping: bool) -> None:
+            checkpoint_or_stop(last, self.cfg.checkpoint.every, stopping, on_checkpoint)
+
+        return ClientTurns(self.transport, self.cfg).sit_out(step, schedule_to, take_sum, after_round, on_checkpoint)
+
     def adopt(self, saved: dict[str, Any], step: int) -> None:
         """A client new to the checkpoint of `step` (a round's end: every adapter is the average):
         that adapter, a fresh optimizer and sampler, the schedule at `step`."""
@@ -201,6 +221,7 @@ class FedServer:
         step = start
         while step < self.cfg.train.steps:
             steps = round_steps(step, self.cfg)
+            self.roster.begin(steps[0])  # (a client that joins now sits this round out)
             self.participation.begin(steps[0], resumed=steps[0] == start + 1 and start > 0)
             state = self.adapter_state()
             numel = sum(t.numel() for t in state.values())
@@ -236,6 +257,7 @@ class FedServer:
         summed = self.relayed(step, members, buf)
         assert summed is not None  # (rank 0's own buffer is in it)
         self.participation.share(step, summed, bool(summed[numel + 1] > 0))
+        self.roster.welcome(step, summed, bool(summed[numel + 1] > 0))
         return summed
 
     def _too_few(self, step: int, on_checkpoint: Callable[[int], None]) -> None:

@@ -173,7 +173,7 @@ class ServerSum:
         not in it and nothing passed through it."""
         r, t = self.roster, self.transport
         summed = None
-        if self.world and not (r.relaying or self.relay):
+        if self.world and not (r.lost or self.relay):  # (after a join the clients still try theirs once)
             summed = t.allreduce_sum(own, world=True, give_up_s=r.give_up_s)
         outcomes = r.keep(members, t.recv_objects(members, OUTCOME, give_up_s=2 * r.give_up_s), step)
         commit = not (r.relaying or self.relay) and all(outcomes.values()) and (summed is not None or not self.world)
@@ -182,6 +182,7 @@ class ServerSum:
             t.send_object(c, OUTCOME, "commit" if commit else "relay")
         if commit:
             return summed
+        self.relay = True  # (as the clients are now)
         asked = members
         got = r.keep(asked, t.recv_tensors(asked, AVERAGE, ["adapters"], give_up_s=r.give_up_s), step)
         total = np.array(own if own is not None else 0.0, dtype=np.float64)

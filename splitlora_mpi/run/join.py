@@ -2,9 +2,14 @@
 
 Rank 0 opens an MPI port and writes its name to `<out_dir>/join/port`. A joining process
 (a rebooted device, a new one; a singleton or its own `mpirun -n 1`) reads it, leaves a
-request file in `<out_dir>/join/requests/` and connects. Rank 0 looks for requests between
-steps and accepts each on demand (an Accept waiting in a thread would freeze rank 0's other
-MPI traffic until someone connects) and gives the client the next free id. The client builds
+request file in `<out_dir>/join/requests/` and waits. Rank 0 looks for requests between steps
+(an Accept waiting in a thread would freeze rank 0's other MPI traffic until someone
+connects), answers one with a file in `join/accepting/`, on which the joiner connects and
+sends its request's name, and accepts it, giving the client the next free id. An MPI Accept
+has no deadline: a joiner that dies before it connects would leave rank 0 in it forever, so a
+process started just before connects to the port itself after `elastic.client_timeout_s`
+(and says so: its connection is closed on both sides; killing it mid-connect left the port
+unusable for the next joiner). The client builds
 its part with that id (its data is its own `{client}` path or local file) and sends the same
 hello as at start-up; rank 0 checks it between later steps without waiting for it (the
 fingerprint, the tokenizer) and answers. The client then waits for the end of the round,
@@ -16,6 +21,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,8 +33,25 @@ from ..errors import ConfigError
 from ..fsutil import say, write_atomic
 from ..wire import HANDSHAKE
 from .handshake import verdict
+from .startup import mpiexec_path, without_launcher
 
-STALE_S = 30.0  # a request older than this is from a joiner that gave up (never accepted: Accept would wait)
+STALE_S = 30.0  # a request older than this is from a joiner that gave up
+UNBLOCKED = "unblocked"  # what the unblocking process says instead of a request's name
+# connects to rank 0's port at a deadline (argv: port, time.time() then), ending an Accept nobody else ends
+UNBLOCK = f"""import pickle, sys, time
+from mpi4py import MPI
+time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
+comm = MPI.COMM_SELF.Connect(sys.argv[1])
+comm.Send([pickle.dumps({UNBLOCKED!r}), MPI.BYTE], 0, {HANDSHAKE})
+comm.Disconnect()
+"""
+
+
+def own_mpiexec(*command: str) -> list[str]:
+    """A process that connects to rank 0 runs under an mpiexec of its own: two singletons that
+    connected to the same rank 0 look alike to it (MPICH 5: the second one's messages from rank
+    0 go to the first; tested), processes of distinct mpiexecs do not."""
+    return [mpiexec_path(), "-n", "1", *command]
 
 
 def join_dir(cfg: JobConfig) -> Path:
@@ -46,23 +70,46 @@ class JoinDesk:
         self.share = share
         self.port = transport.open_port()
         self.pending: dict[int, tuple[int, float]] = {}  # accepted, hello not yet here: id -> (step, since)
-        self.requests = join_dir(cfg) / "requests"
-        self.requests.mkdir(parents=True, exist_ok=True)
-        for old in self.requests.iterdir():  # (from an earlier run of this out_dir)
-            old.unlink(missing_ok=True)
+        self.requests, self.accepting = join_dir(cfg) / "requests", join_dir(cfg) / "accepting"
+        for d in (self.requests, self.accepting):
+            d.mkdir(parents=True, exist_ok=True)
+            for old in d.iterdir():  # (from an earlier run of this out_dir)
+                old.unlink(missing_ok=True)
         # a joiner's UCX must offer what rank 0's does (else "Invalid port"): its transports beside the port
         write_atomic(join_dir(cfg) / "ucx_tls", os.environ.get("UCX_TLS", ""))
         write_atomic(join_dir(cfg) / "port", self.port + "\n")
 
     def close(self) -> None:
-        """The job has ended: no joiner may connect to it any more; one that asked meanwhile is
-        accepted and told so (it would wait in its Connect otherwise)."""
+        """The job has ended: no joiner may connect to it any more (one that asked meanwhile sees
+        the port file gone and says so)."""
         (join_dir(self.cfg) / "port").unlink(missing_ok=True)
         for request in self._requests():
             request.unlink(missing_ok=True)
-            self.transport.accept(self.port, self.next_id)
-            self.transport.send_object(self.next_id, HANDSHAKE, {"ended": True})
-            self.next_id += 1
+
+    def _accept(self, name: str) -> bool:
+        """The joiner that asked as `name`, connected as the next id; False when it did not
+        connect within elastic.client_timeout_s (the unblocking process did: dropped)."""
+        give_up_s = self.cfg.elastic.client_timeout_s
+        command = own_mpiexec(sys.executable, "-c", UNBLOCK, self.port, str(time.time() + give_up_s))
+        unblock = subprocess.Popen(command, env=without_launcher(dict(os.environ)), stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)  # fmt: skip
+        write_atomic(self.accepting / name, "")
+        t, peer = self.transport, self.next_id
+        t.accept(self.port, peer)
+        (self.accepting / name).unlink(missing_ok=True)
+        said = t.recv_objects([peer], HANDSHAKE, give_up_s=give_up_s).get(peer)
+        if said == UNBLOCKED:
+            t.forget(peer, together=True)
+        else:  # (still asleep: it never connects)
+            unblock.kill()
+        unblock.wait()
+        if said == name:
+            return True
+        if said != UNBLOCKED:  # (connected, then silent: gone)
+            t.forget(peer)
+        say(f"server: a client that asked to join ({name}) did not connect within "
+            f"elastic.client_timeout_s={give_up_s:g} s; going on without it")  # fmt: skip
+        return False
 
     def _requests(self) -> list[Path]:
         return sorted(p for p in self.requests.iterdir() if not p.name.startswith("."))  # (not a temp file)
@@ -74,9 +121,8 @@ class JoinDesk:
         for request in self._requests():
             fresh = time.time() - request.stat().st_mtime < STALE_S
             request.unlink(missing_ok=True)
-            if fresh:
+            if fresh and self._accept(request.name):
                 peer, self.next_id = self.next_id, self.next_id + 1
-                t.accept(self.port, peer)
                 t.send_object(peer, HANDSHAKE, {"rank": peer, "size": peer + 1, "step": step})
                 self.pending[peer] = (step, time.monotonic())
         if not self.pending:
@@ -109,17 +155,24 @@ def connect(cfg: JobConfig) -> Any:
             f"--join: no {port_file}; expected the out_dir of a running elastic job (python -m "
             "splitlora_mpi.elastic, same config) — or a copy of that file where this client runs"
         )
-    # (a job that ended meanwhile never accepts: give up as MPI's connect timeout says)
-    os.environ.setdefault("MPIR_CVAR_CH4_COMM_CONNECT_TIMEOUT", str(max(1, int(cfg.comm.timeout_s))))
+    # (rank 0 is in its Accept when this process connects, and leaves it after client_timeout_s)
+    os.environ.setdefault("MPIR_CVAR_CH4_COMM_CONNECT_TIMEOUT", str(max(1, int(cfg.elastic.client_timeout_s))))
     tls = join_dir(cfg) / "ucx_tls"  # (rank 0's transports: see JoinDesk)
     if tls.is_file() and (transports := tls.read_text().strip()):
         os.environ.setdefault("UCX_TLS", transports)
     from ..wire import mpi
 
-    requests = join_dir(cfg) / "requests"
-    requests.mkdir(parents=True, exist_ok=True)
     port = port_file.read_text().strip()
-    write_atomic(requests / f"{socket.gethostname()}-{os.getpid()}", "")
-    if not port_file.exists():  # (the job ended meanwhile: nobody would accept)
-        raise ConfigError(f"--join: the job of {cfg.out_dir} has ended")
-    return mpi.connect(port)
+    name = f"{socket.gethostname()}-{os.getpid()}"
+    request, go = join_dir(cfg) / "requests" / name, join_dir(cfg) / "accepting" / name
+    write_atomic(request, "")
+    deadline = time.monotonic() + cfg.comm.timeout_s
+    while not go.exists():  # (rank 0 looks between steps; fedlora between rounds)
+        if not port_file.exists():
+            raise ConfigError(f"--join: the job of {cfg.out_dir} has ended")
+        if time.monotonic() > deadline:
+            request.unlink(missing_ok=True)
+            raise ConfigError(f"--join: rank 0 of {cfg.out_dir} took no new client within comm.timeout_s="
+                              f"{cfg.comm.timeout_s:g} s")  # fmt: skip
+        time.sleep(0.02)
+    return mpi.connect(port, name)

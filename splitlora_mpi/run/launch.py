@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import os
 import signal
+import sys
 import threading
 import warnings
 from types import ModuleType
@@ -61,8 +62,13 @@ def run_joining(cfg: JobConfig) -> None:
     if not mode.takes_joins(cfg):
         raise ConfigError(
             f"--join: a {mode.name} job with data.partition {cfg.data.scheme} takes no joining clients; expected "
-            "run.mode splitlora with each client's own data ({client} paths or data.partition local)"
+            "run.mode splitlora or fedlora with each client's own data ({client} paths or data.partition local)"
         )
+    if "PMI_RANK" not in os.environ:  # a singleton: the same command again under an mpiexec of its own
+        from .join import own_mpiexec
+
+        command = own_mpiexec(sys.executable, "-m", "splitlora_mpi", *sys.argv[1:])
+        os.execve(command[0], command, os.environ)
     from ..wire import HANDSHAKE
     from ..wire.mpi import MpiTransport
     from .join import connect
@@ -73,8 +79,6 @@ def run_joining(cfg: JobConfig) -> None:
     startup.lap("import")
     transport = MpiTransport(cfg.comm.timeout_s, Metrics(-1, "client"), joined=(connect(cfg), -1, 0))
     word = transport.recv_objects([SERVER], HANDSHAKE)[SERVER]
-    if word.get("ended"):
-        raise ConfigError(f"--join: the job of {cfg.out_dir} has ended")
     transport.rank, transport.size = word["rank"], word["size"]
     transport.metrics = Metrics(word["rank"], "client", export=exported(cfg))
     print(f"client {word['rank']}: joined at step {word['step']}; training from the next round", flush=True)

@@ -22,7 +22,6 @@ from ..metrics import Metrics
 from ..model import hf_config
 from ..modes import Mode, mode_of
 from ..modes.base import ClientRole, Lead, Setup, by_rank
-from ..roles.participation import ClientTurns
 from ..roles.roster import Roster
 from ..wire import CHECKPOINT, EXPORT, FINISH, SERVER, STATS, Transport
 from ..wire.local import LocalWorld
@@ -258,9 +257,7 @@ def _run_client(r: Rank, elastic: ElasticConfig | None, joined_at: int | None = 
         transport.send_object(SERVER, CHECKPOINT, checkpoint.to_bytes(state))
 
     if joined_at is not None:  # the rest of the round idle, then its average: training from the next one
-        resume = ClientTurns(transport, cfg).sit_out(joined_at, role.trainer.schedule_to, role.take_sum,
-                                                     lambda last, stop: role.end_step(last, stop, on_checkpoint),
-                                                     on_checkpoint)  # fmt: skip
+        resume = role.join(joined_at, on_checkpoint)
     role.run(resume or 0, on_checkpoint, r.stop_requested)
     exporter = mode.exporter(cfg, clients, elastic is not None)
     if exporter is not None and (elastic or transport.rank == exporter):  # (elastic: every live client sends it)

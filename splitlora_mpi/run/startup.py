@@ -4,12 +4,25 @@ Shared by launch.py (which starts a rank) and runner.py (which reports it): no h
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 import time
 from pathlib import Path
 
 PHASES = ("launch", "preflight", "import", "build", "handshake")
 ELASTIC_ENV = "SPLITLORA_ELASTIC"  # "1": launched by python -m splitlora_mpi.elastic
 STATUS_ENV = "SPLITLORA_STATUS_FILE"  # where rank 0 writes how the job ended (the elastic launcher reads it)
+
+
+def mpiexec_path() -> str:
+    """The mpiexec beside this python (pip's mpich wheel), else the one on PATH."""
+    beside = Path(sys.executable).parent / "mpiexec"
+    return str(beside) if beside.exists() else (shutil.which("mpiexec") or "mpiexec")
+
+
+def without_launcher(env: dict[str, str]) -> dict[str, str]:
+    """`env` minus what mpiexec gave this rank: a process started from it is no rank of this job."""
+    return {k: v for k, v in env.items() if not k.startswith(("PMI_", "MPI_LOCAL"))}
 
 
 def elastic_launch() -> bool:

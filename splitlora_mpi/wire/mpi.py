@@ -33,7 +33,7 @@ import numpy as np
 from mpi4py import MPI
 
 from ..errors import CommTimeout, Evicted
-from . import CONTINUE, EVICT, HEADER_BYTES, SERVER, Message, Outgoing, timeout_message
+from . import CONTINUE, EVICT, HANDSHAKE, HEADER_BYTES, SERVER, Message, Outgoing, timeout_message
 
 if TYPE_CHECKING:
     import torch
@@ -61,9 +61,12 @@ def world_rank() -> int:
     return MPI.COMM_WORLD.Get_rank()
 
 
-def connect(port: str) -> MPI.Intercomm:
-    """A joining client's connection to rank 0 (which accepts it once it sees the request)."""
-    return MPI.COMM_SELF.Connect(port)
+def connect(port: str, name: str) -> MPI.Intercomm:
+    """A joining client's connection to rank 0 (which accepts it once it sees the request), and
+    the request's name: what tells rank 0 who connected."""
+    comm = MPI.COMM_SELF.Connect(port)
+    comm.Send([pickle.dumps(name), MPI.BYTE], 0, HANDSHAKE)
+    return comm
 
 
 def abort(code: int) -> None:
@@ -196,6 +199,13 @@ class MpiTransport:
         """Rank 0: the connection of a client that asked to join (it is connecting now), as `peer`."""
         self._peers[peer] = (MPI.COMM_SELF.Accept(port), 0)
         self.size = max(self.size, peer + 1)
+
+    def forget(self, peer: int, together: bool = False) -> None:
+        """Rank 0: drop a connection just accepted: its other side went silent (freed here), or
+        `together`: it disconnects too (MPI's Disconnect waits for both sides)."""
+        comm, _ = self._peers.pop(peer)
+        comm.Disconnect() if together else comm.Free()
+        self.size = max([self.comm.Get_size(), *(p + 1 for p in self._peers)])
 
     def evict(self, rank: int, notice: str) -> None:
         data = pickle.dumps(notice)
