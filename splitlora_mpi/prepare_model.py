@@ -106,8 +106,19 @@ def convert(gguf: Path, out: Path, sha256: str | None = None, source: str | None
         tok.save_pretrained(tmp)
         facts = {"file": gguf.name, "sha256": digest, "source": source or str(gguf.resolve())}
         write_atomic(tmp / SOURCE_FILE, json.dumps(facts, indent=2) + "\n")
+        readable_by_all(tmp)
     say(f"converted in {time.perf_counter() - start:.1f} s: {out}")
     return out
+
+
+def readable_by_all(directory: Path) -> None:
+    """Files as the umask allows (0644 usually): transformers 5 saves model.safetensors 0600, and
+    a model directory is read by other users (a container's uid 10001, an image volume)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in directory.iterdir():
+        if f.is_file():
+            f.chmod(0o666 & ~umask)
 
 
 def _is_converted(out: Path, sha256: str) -> bool:

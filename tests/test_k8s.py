@@ -166,7 +166,7 @@ def test_edge_clients_read_their_own_device_and_nothing_shared(tmp_path):
     assert anti["topologyKey"] == "kubernetes.io/hostname"
     assert anti["labelSelector"]["matchLabels"] == {"app.kubernetes.io/component": "client"}
     volumes = {v["name"]: v for v in worker["volumes"]}
-    assert set(volumes) == {"config", "tmp", "local-data"}  # not the shared PVC
+    assert set(volumes) == {"config", "tmp", "local-data", "model"}  # not the shared PVC
     assert volumes["local-data"]["hostPath"] == {"path": "/var/lib/splitlora/data", "type": "Directory"}
     mount = next(m for m in worker["containers"][0]["volumeMounts"] if m["name"] == "local-data")
     assert mount["readOnly"] is True
@@ -241,7 +241,7 @@ def test_checkov_finds_no_failed_checks(rendered, tmp_path):
 
 def test_hadolint_passes_every_dockerfile():
     dockerfiles = sorted((REPO / "docker").glob("Dockerfile*"))
-    assert len(dockerfiles) == 2
+    assert len(dockerfiles) == 3  # cpu, cuda, model
     r = subprocess.run([_tool("hadolint"), *map(str, dockerfiles)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
 

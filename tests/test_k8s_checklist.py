@@ -1,10 +1,12 @@
 """The rendered overlays read as a cluster operator reads them (issue 29 item 6): each check is
-one line of an operator's checklist for a locked-down cluster. (Still to come with item 1, the
-model provisioned in the cluster: no Hub id in any overlay's config.)"""
+one line of an operator's checklist for a locked-down cluster."""
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath
+
 import pytest
+import yaml
 from test_k8s import OVERLAYS, _by_kind, render
 
 DNS_PORT = 53
@@ -23,6 +25,35 @@ def _mpijob(objects: list[dict]) -> dict:
 def _pods(objects: list[dict]) -> dict[str, dict]:
     """Launcher and Worker pod specs."""
     return {role: s["template"]["spec"] for role, s in _mpijob(objects)["spec"]["mpiReplicaSpecs"].items()}
+
+
+def _job_config(objects: list[dict]) -> dict:
+    (cm,) = [c for c in _by_kind(objects, "ConfigMap") if "config.yaml" in c.get("data", {})]
+    return yaml.safe_load(cm["data"]["config.yaml"])
+
+
+def test_the_model_is_no_hub_id_and_every_rank_mounts_it_read_only(overlay):
+    """The pods have no egress: a model they would download cannot start. A model path must be a
+    volume mounted read-only in the launcher and every worker (default: the tiny model built from
+    its config, no file at all)."""
+    name, objects = overlay
+    model = _job_config(objects).get("model", {})
+    for key in ("name_or_path", "tokenizer"):
+        path = model.get(key)
+        if path is None or (key == "tokenizer" and path == "byte"):
+            continue  # (built in: nothing to read)
+        assert path.startswith("/"), f"{name}: model.{key} {path!r} is a Hub id or a relative path"
+        for role, pod in _pods(objects).items():
+            mounts = [m for c in pod["containers"] for m in c.get("volumeMounts", [])]
+            holding = [m for m in mounts if PurePosixPath(path).is_relative_to(m["mountPath"])]
+            assert holding, f"{name}: the {role} mounts nothing at model.{key} {path}"
+            assert all(m.get("readOnly") for m in holding), f"{name}: the {role} mounts {path} writable"
+            volumes = {v["name"]: v for v in pod["volumes"]}
+            for m in holding:
+                image = volumes[m["name"]].get("image", {}).get("reference", "")
+                assert "/" in image or "image" not in volumes[m["name"]], (
+                    f"{name}: the model image {image!r} names no registry (the overlay's images: entry)"
+                )
 
 
 def test_no_egress_beyond_the_job_and_dns(overlay):

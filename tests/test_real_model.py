@@ -49,6 +49,8 @@ def test_prepared_directory_is_standard_and_cached(model_dir):
     assert config["model_type"] == "llama" and config["num_hidden_layers"] == 30 and config["tie_word_embeddings"]
     assert "quantization_config" not in config
     assert (model_dir / "tokenizer.json").is_file()
+    unreadable = [f.name for f in model_dir.iterdir() if not f.stat().st_mode & 0o004]
+    assert not unreadable, unreadable  # (other users read it: a container's uid 10001, an image volume)
     keys = _checkpoint_shapes(model_dir)
     assert "lm_head.weight" not in keys and keys["model.embed_tokens.weight"] == [49152, 576]
     stamp = (model_dir / "model.safetensors").stat().st_mtime_ns
