@@ -156,6 +156,9 @@ class CommConfig:
     micro_batches: int = _f(
         1, "split each client batch so sending one part overlaps computing the next (1 = off)", min=1
     )
+    secret_file: str | None = _f(
+        None, "file (mode 0600) with the job secret: clients prove they hold it at the handshake; null: no check"
+    )
 
 
 @dataclass

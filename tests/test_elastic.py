@@ -102,7 +102,8 @@ def test_a_client_joins_a_running_job(tmp_path, mode):
     """3 clients with their own files; a 4th process started mid-run with `--join` (a singleton,
     no mpirun) gets id 4, trains from the next round on its own file, and counts in FedAvg.
     Before it, a request whose process never connects (a joiner that died): rank 0 leaves its
-    Accept after elastic.client_timeout_s and goes on."""
+    Accept after elastic.client_timeout_s and goes on. splitlora: with a job secret, which the
+    joiner proves like the others."""
     from splitlora_mpi.data import packaged_data_paths
 
     train, val = (p.read_text().splitlines() for p in packaged_data_paths())
@@ -111,7 +112,11 @@ def test_a_client_joins_a_running_job(tmp_path, mode):
     for c in range(1, 5):
         (data / f"train-{c}.txt").write_text("\n".join(train[(c - 1) * 200 : c * 200]) + "\n")
         (data / f"val-{c}.txt").write_text("\n".join(val[(c - 1) * 20 : c * 20]) + "\n")
+    job_secret = tmp_path / "job.secret"
+    job_secret.write_text("a job secret of thirty-two bytes")
+    job_secret.chmod(0o600)
     sets = [
+        *([f"comm.secret_file={job_secret}"] if mode == "splitlora" else []),
         f"run.mode={mode}",
         "train.steps=200",
         f"data.train_path={data}/train-{{client}}.txt",

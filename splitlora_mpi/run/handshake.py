@@ -31,12 +31,14 @@ def server_handshake(
     share: Callable[[dict[int, Any]], dict[str, Any]],
     shared_val: bool = True,
     phase: int = HANDSHAKE,
+    refuse: Callable[[dict[int, Any]], str | None] = lambda hellos: None,
 ) -> dict[int, Any]:
     """Every client's hello; the verdict (an error, or `share(hellos)`) goes to every client.
     Raises the error on rank 0 too (its own set-up error included), so all ranks stop alike.
-    `shared_val`: every client reads one validation file (else each its own)."""
+    `shared_val`: every client reads one validation file (else each its own). `refuse`: the
+    job secret's check, before anything a client said is looked at."""
     hellos = transport.recv_objects(clients, phase)
-    error = error or verdict(fingerprint, hellos, shared_val)
+    error = error or refuse(hellos) or verdict(fingerprint, hellos, shared_val)
     reply = {"error": error, **(share(hellos) if error is None else {})}
     for c in clients:
         transport.send_object(c, phase, reply)

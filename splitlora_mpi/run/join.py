@@ -32,6 +32,7 @@ from ..config import JobConfig
 from ..errors import ConfigError
 from ..fsutil import say, write_atomic
 from ..wire import HANDSHAKE
+from . import secret
 from .handshake import verdict
 from .startup import mpiexec_path, without_launcher
 
@@ -62,8 +63,10 @@ class JoinDesk:
     """Rank 0's side: the port, the requests, the handshake of each joiner."""
 
     def __init__(self, cfg: JobConfig, transport: Any, fingerprint: dict[str, Any], first_id: int,
-                 share: Callable[[dict[int, Any]], dict[str, Any]]):  # fmt: skip
+                 share: Callable[[dict[int, Any]], dict[str, Any]], job_secret: bytes | None = None):  # fmt: skip
         self.cfg = cfg
+        self.secret = job_secret
+        self.challenges: dict[int, bytes | None] = {}
         self.transport = transport
         self.fingerprint = fingerprint
         self.next_id = first_id
@@ -123,7 +126,9 @@ class JoinDesk:
             request.unlink(missing_ok=True)
             if fresh and self._accept(request.name):
                 peer, self.next_id = self.next_id, self.next_id + 1
-                t.send_object(peer, HANDSHAKE, {"rank": peer, "size": peer + 1, "step": step})
+                self.challenges[peer] = secret.nonce(self.secret)
+                word = {"rank": peer, "size": peer + 1, "step": step, "challenge": self.challenges[peer]}
+                t.send_object(peer, HANDSHAKE, word)
                 self.pending[peer] = (step, time.monotonic())
         if not self.pending:
             return {}
@@ -135,7 +140,10 @@ class JoinDesk:
         admitted = {}
         for peer, hello in hellos.items():
             del self.pending[peer]
-            error = verdict(self.fingerprint, {peer: hello}, shared_val=False)
+            proofs = {peer: hello.get("proof")}
+            error = secret.refusal(self.secret, self.challenges, self.cfg.fingerprint(), proofs) or verdict(
+                self.fingerprint, {peer: hello}, shared_val=False
+            )
             t.send_object(peer, HANDSHAKE, {"error": error, **(self.share({peer: hello}) if error is None else {})})
             if error is not None:
                 say(f"server: refused a client that asked to join: {error}")

@@ -81,10 +81,9 @@ def run_joining(cfg: JobConfig) -> None:
     word = transport.recv_objects([SERVER], HANDSHAKE)[SERVER]
     transport.rank, transport.size = word["rank"], word["size"]
     transport.metrics = Metrics(word["rank"], "client", export=exported(cfg))
-    print(f"client {word['rank']}: joined at step {word['step']}; training from the next round", flush=True)
     checked = preflight.check(cfg, mode, transport.rank, transport.size)
     startup.lap("preflight")
-    runner.start(cfg, transport, transport.metrics, _STOP.is_set, checked, startup, joined_at=word["step"])
+    runner.start(cfg, transport, transport.metrics, _STOP.is_set, checked, startup, joined=word)
 
 
 def exported(cfg: JobConfig) -> bool:

@@ -10,6 +10,7 @@ import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..config import JobConfig, load_config
 from ..data import Example, check_tokenizer_path, read_split, rows_of
@@ -18,6 +19,7 @@ from ..fsutil import check_writable
 from ..layout import blocks_of, check_model_path, check_positions, stated_size
 from ..modes import Mode
 from ..wire import PREFLIGHT, SERVER, Transport
+from . import secret
 from .handshake import client_handshake, server_handshake
 
 
@@ -28,6 +30,7 @@ class Checked:
 
     error: str | None = None
     examples: dict[str, list[Example]] = field(default_factory=dict)  # "train" / "val"
+    secret: bytes | None = field(default=None, repr=False)  # comm.secret_file's (run/secret.py)
 
 
 def check(cfg: JobConfig, mode: Mode, rank: int, size: int, overwrite: bool = False) -> Checked:
@@ -36,6 +39,7 @@ def check(cfg: JobConfig, mode: Mode, rank: int, size: int, overwrite: bool = Fa
     checked = Checked()
     clients = size - 1
     try:
+        checked.secret = secret.read_secret(cfg.comm.secret_file)
         if rank == SERVER:
             if not overwrite:
                 check_previous_run(cfg)
@@ -102,8 +106,19 @@ def clear_previous_run(cfg: JobConfig) -> None:
 def agree(transport: Transport, cfg: JobConfig, checked: Checked) -> None:
     """Every rank's verdict to rank 0 and the first error (rank 0's own, else the lowest client's,
     else a config that differs between ranks) back to every rank: all raise it alike."""
-    if transport.rank == SERVER:
+    fingerprint = cfg.fingerprint()
+    if transport.rank == SERVER:  # a challenge to each client first (None: no secret here)
         clients = list(range(1, transport.size))
-        server_handshake(transport, clients, cfg.fingerprint(), checked.error, lambda hellos: {}, False, PREFLIGHT)
+        challenges = {c: secret.nonce(checked.secret) for c in clients}
+        for c in clients:
+            transport.send_object(c, PREFLIGHT, challenges[c])
+
+        def refuse(hellos: dict[int, Any]) -> str | None:
+            proofs = {c: h.get("proof") for c, h in hellos.items()}
+            return secret.refusal(checked.secret, challenges, fingerprint, proofs)
+
+        server_handshake(transport, clients, fingerprint, checked.error, lambda hellos: {}, False, PREFLIGHT, refuse)
     else:
-        client_handshake(transport, cfg.fingerprint(), {}, checked.error, PREFLIGHT)
+        challenge = transport.recv_objects([SERVER], PREFLIGHT)[SERVER]
+        proof = {"proof": secret.answer(checked.secret, challenge, transport.rank, fingerprint)}
+        client_handshake(transport, fingerprint, proof, checked.error, PREFLIGHT)

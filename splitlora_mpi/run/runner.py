@@ -26,7 +26,7 @@ from ..roles.roster import Roster
 from ..wire import CHECKPOINT, EXPORT, FINISH, SERVER, STATS, Transport
 from ..wire.local import LocalWorld
 from ..wire.messages import Channel
-from . import checkpoint, preflight
+from . import checkpoint, preflight, secret
 from .handshake import client_handshake, server_handshake
 from .join import JoinDesk
 from .outputs import done_line, holdings, summary, write_model_outputs
@@ -41,17 +41,16 @@ def start(
     stop_requested: Callable[[], bool],
     checked: preflight.Checked,
     startup: Startup,
-    joined_at: int | None = None,
+    joined: dict[str, Any] | None = None,
 ) -> None:
     """This rank after its preflight (launch.run), on `transport` (None: a one-rank mode's
-    in-process transport). `joined_at`: a client that joined the running job (launch.run_joining)."""
+    in-process transport). `joined`: rank 0's word to a client that joined the running job
+    (launch.run_joining: its id, the step, the secret's challenge)."""
     if transport is None:
         transport = LocalWorld(1).transport(0, cfg.comm.timeout_s, metrics)
     _set_threads(transport.local_size)
-    if joined_at is not None:
-        _run_client(
-            Rank(cfg, mode_of(cfg.run.mode), transport, stop_requested, checked, startup), cfg.elastic, joined_at
-        )
+    if joined is not None:
+        _run_client(Rank(cfg, mode_of(cfg.run.mode), transport, stop_requested, checked, startup), cfg.elastic, joined)
         return
     run_rank(cfg, transport, stop_requested, checked, startup, elastic_launch())
 
@@ -136,6 +135,11 @@ def _run_lead(r: Rank, not_elastic: str | None) -> None:
     lead.meet(hellos)
     reports = hellos or {SERVER: _hello(s, lead)}  # (alone, rank 0 is its own client)
     _announce(cfg, mode, reports)
+    hosts = {socket.gethostname()} | {h["host"] for h in hellos.values()}
+    if len(hosts) > 1 and r.checked.secret is None:
+        say(f"warning: the ranks run on {len(hosts)} hosts and no comm.secret_file is set: any process "
+            "that reaches rank 0's MPI ports with this config is taken as a client (README: Running across "
+            "networks)")  # fmt: skip
     if clients and not_elastic:
         print(f"{mode.lead_role}: not elastic ({not_elastic}): a client that fails ends the job (resumable); "
               "python -m splitlora_mpi.elastic keeps going over the clients that answer", flush=True)  # fmt: skip
@@ -173,7 +177,7 @@ def _run_lead(r: Rank, not_elastic: str | None) -> None:
     desk = None
     if roster.elastic and mode.takes_joins(cfg):
         share = lambda hellos: {"resume": None, **mode.share(cfg, hellos)}  # noqa: E731
-        desk = JoinDesk(cfg, transport, fingerprint, transport.size, share)
+        desk = JoinDesk(cfg, transport, fingerprint, transport.size, share, r.checked.secret)
         roster.admit = desk.admit
     examples = by_rank(reports, lambda h: {"examples": h["train_rows"], "tokens": h["train_tokens"]})
     try:
@@ -216,13 +220,16 @@ def _run_lead(r: Rank, not_elastic: str | None) -> None:
     print(done_line(cfg), flush=True)
 
 
-def _run_client(r: Rank, elastic: ElasticConfig | None, joined_at: int | None = None) -> None:
-    """`joined_at`: the step during which this client joined the running job (run/join.py)."""
+def _run_client(r: Rank, elastic: ElasticConfig | None, joined: dict[str, Any] | None = None) -> None:
+    """`joined`: rank 0's word to a client that joined the running job (run/join.py)."""
     cfg, mode, transport = r.cfg, r.mode, r.transport
     clients = list(range(1, transport.size))
     metrics = transport.metrics
     hello: dict[str, Any] = {}
     error, fingerprint = r.checked.error, cfg.fingerprint()
+    joined_at = joined["step"] if joined else None
+    challenge = joined.get("challenge") if joined else None  # (a joiner's proof; at start-up: the preflight's)
+    proof = {"proof": secret.answer(r.checked.secret, challenge, transport.rank, fingerprint)} if joined else {}
     if error is None:
         try:
             s = _setup(cfg, transport, r.checked.examples, elastic)
@@ -233,7 +240,9 @@ def _run_client(r: Rank, elastic: ElasticConfig | None, joined_at: int | None = 
         except ConfigError as e:
             error = str(e)
     r.startup.lap("build")
-    verdict = client_handshake(transport, fingerprint, hello, error)
+    verdict = client_handshake(transport, fingerprint, {**hello, **proof}, error)
+    if joined:
+        print(f"client {transport.rank}: joined at step {joined_at}; training from the next round", flush=True)
     r.startup.lap("handshake")
     role.accept(verdict)
     if joined_at is None:
