@@ -126,8 +126,8 @@ def outputs_complete(out: Path) -> bool:
     if not (out / "checkpoints").exists():
         return True
     cfg = load_config(out / "config.yaml")
-    found, _ = checkpoint.newest_complete(out, json.loads((out / "summary.json").read_text())["world_size"],
-                                          cfg.fingerprint())  # fmt: skip
+    world_size = json.loads((out / "summary.json").read_text())["world_size"]  # (a joiner after it: one more)
+    found, _ = checkpoint.newest_complete(out, world_size, cfg.fingerprint(), resizable=True)
     return found is not None
 
 
