@@ -48,6 +48,7 @@ class ElasticJob:
         env = {**os.environ, "PYTHONWARNINGS": "ignore"}
         self.proc = subprocess.Popen(cmd, stdout=self.logfile, stderr=subprocess.STDOUT, text=True, env=env)
         self.stopped: list[int] = []
+        self.outlived: list[int] = []  # stopped clients still running once the job ended
 
     def pid_of(self, rank: int, timeout_s: float = 120) -> int:
         deadline = time.monotonic() + timeout_s
@@ -102,6 +103,8 @@ class ElasticJob:
                 found = re.search(r"process ids by rank (.*?) \(", self.log.read_text())
                 self.stopped += [int(p.split("=")[1]) for p in found.group(1).split()] if found else []
                 self.proc.kill()
+            else:  # (mpiexec waits for a stopped rank forever: the launcher ends it, its proxy kills it)
+                self.outlived = still_running(self.stopped, within_s=10)
             for pid in self.stopped:
                 try:
                     os.kill(pid, signal.SIGKILL)
@@ -109,6 +112,22 @@ class ElasticJob:
                     pass
             self.logfile.close()
         return code, self.log.read_text()
+
+
+def process_runs(pid: int) -> bool:
+    """Whether `pid` exists and is not a zombie (a killed child its new parent has not reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def still_running(pids: list[int], within_s: float) -> list[int]:
+    deadline = time.monotonic() + within_s
+    while (left := [p for p in pids if process_runs(p)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
 
 
 def outputs_complete(out: Path) -> bool:
@@ -194,6 +213,7 @@ def one_run(seed: int, work: Path, ranks: int = 5) -> dict:
         "s_after_last_fault": round(end - last, 1) if last else None,
         "wall_s": round(end - start, 1),
         "outputs_complete": code == 0 and outputs_complete(out),
+        "frozen_outlived_job": job.outlived,
     }
 
 
@@ -216,6 +236,7 @@ def main() -> None:
         "finished": sum(r["finished"] for r in rows),
         "hangs": sum(r["hang"] for r in rows),
         "outputs_complete": sum(r["outputs_complete"] for r in rows),
+        "frozen_outlived_job": sum(bool(r["frozen_outlived_job"]) for r in rows),
         "max_s_after_last_fault": max(after, default=None),
     }
     args.out.write_text(json.dumps(result, indent=1) + "\n")

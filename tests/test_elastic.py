@@ -57,53 +57,26 @@ def test_a_killed_client_is_dropped_and_the_others_finish(tmp_path, mode):
     assert adapter and all(torch.isfinite(t).all() for t in adapter.values())
 
 
-def test_a_frozen_client_is_dropped_and_ends_with_the_job(tmp_path):
-    """mpiexec waits for a stopped rank forever, so the launcher kills it `--grace` s after the
-    job ended (under load mpiexec sometimes dies of SIGPIPE first); either way the stopped
-    client's hydra proxy, losing mpiexec, kills it: nothing of the job runs on."""
-    job = ElasticJob(tmp_path / "frozen", 4, grace_s=2)
-    pid, _ = fault_after(job, 3, 8, signal.SIGSTOP)
-    job.stopped.remove(pid)  # (finish() must not be the one that kills it)
-    try:
-        code, log = job.finish()
-        deadline = time.monotonic() + 10
-        while process_runs(pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not process_runs(pid), f"the frozen client {pid} outlived the job:\n{log}"
-    finally:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    assert code == 0, log
-    s = run_summary(job.out)
-    assert [(x["rank"], x["reason"]) for x in s["clients_lost"]] == [(3, "stopped")], s["clients_lost"]
-
-
-def process_runs(pid: int) -> bool:
-    """Whether `pid` exists and is not a zombie (a killed child its new parent has not reaped)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-@pytest.mark.parametrize("seed", [4])  # kill, stop and join in one splitlora run
+@pytest.mark.parametrize("seed", [4])  # kill, stop (frozen to the end) and join in one splitlora run
 def test_chaos_runs_end_complete_without_hangs(tmp_path, seed):
-    """The chaos benchmark's fixed-seed runs (benchmarks/chaos.py draws 20 of them)."""
+    """The chaos benchmark's fixed-seed runs (benchmarks/chaos.py draws 20 of them). mpiexec
+    waits for a stopped rank forever: the launcher kills it --grace s after the job ended (under
+    load mpiexec sometimes dies of SIGPIPE first); either way the stopped client's hydra proxy,
+    losing mpiexec, kills it — nothing of the job runs on."""
     row = one_run(seed, tmp_path)
     assert not row["hang"] and row["finished"] and row["outputs_complete"], row
     assert row["s_after_last_fault"] < TIMEOUT_S + 30, row
+    assert any(x["reason"] == "stopped" for x in row["clients_lost"]), row
+    assert not row["frozen_outlived_job"], row
 
 
 @pytest.mark.parametrize("mode", ["splitlora", "fedlora"])
 def test_a_client_joins_a_running_job(tmp_path, mode):
     """3 clients with their own files; a 4th process started mid-run with `--join` (a singleton,
     no mpirun) gets id 4, trains from the next round on its own file, and counts in FedAvg.
-    Before it, a request whose process never connects (a joiner that died): rank 0 leaves its
-    Accept after elastic.client_timeout_s and goes on. splitlora: with a job secret, which the
-    joiner proves like the others."""
+    splitlora also: a request before it whose process never connects (a joiner that died) —
+    rank 0 leaves its Accept after elastic.client_timeout_s and goes on — and a job secret,
+    which the joiner proves like the others."""
     from splitlora_mpi.data import packaged_data_paths
 
     train, val = (p.read_text().splitlines() for p in packaged_data_paths())
@@ -125,7 +98,8 @@ def test_a_client_joins_a_running_job(tmp_path, mode):
     job = ElasticJob(tmp_path / "joined", 4, *sets)
     job.wait_for_step(10)
     assert (job.out / "join" / "port").is_file()
-    (job.out / "join" / "requests" / "ghost-1").write_text("")
+    if mode == "splitlora":  # (the same desk in both modes)
+        (job.out / "join" / "requests" / "ghost-1").write_text("")
     joiner = subprocess.run([sys.executable, "-m", "splitlora_mpi", "--join", *JOB, "--set", f"run.out_dir={job.out}",
                              *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})  # fmt: skip
@@ -133,7 +107,8 @@ def test_a_client_joins_a_running_job(tmp_path, mode):
     assert joiner.returncode == 0, joiner.stderr[-3000:]
     assert code == 0, log
     assert "client 4: joined at step" in joiner.stdout
-    assert "a client that asked to join (ghost-1) did not connect within elastic.client_timeout_s=3 s" in log, log
+    if mode == "splitlora":
+        assert "a client that asked to join (ghost-1) did not connect within elastic.client_timeout_s=3 s" in log
     s = run_summary(job.out)
     [joined] = s["clients_joined"]
     assert joined["rank"] == 4 and 10 <= joined["step"] < 200, s["clients_joined"]
