@@ -1,15 +1,14 @@
 """A client joining a running elastic job: `python -m splitlora_mpi --join [same config]`.
 
 Rank 0 opens an MPI port and writes its name to `<out_dir>/join/port`. A joining process
-(a rebooted device, a new one; a singleton or its own `mpirun -n 1`) reads it, leaves a
+(a rebooted device, a new one; under an mpiexec of its own, see `own_mpiexec`) reads it, leaves a
 request file in `<out_dir>/join/requests/` and waits. Rank 0 looks for requests between steps
 (an Accept waiting in a thread would freeze rank 0's other MPI traffic until someone
 connects), answers one with a file in `join/accepting/`, on which the joiner connects and
 sends its request's name, and accepts it, giving the client the next free id. An MPI Accept
 has no deadline: a joiner that dies before it connects would leave rank 0 in it forever, so a
-process started just before connects to the port itself after `elastic.client_timeout_s`
-(and says so: its connection is closed on both sides; killing it mid-connect left the port
-unusable for the next joiner). The client builds
+process started just before connects to the port itself after `elastic.client_timeout_s`,
+says so, and both sides close that connection. The client builds
 its part with that id (its data is its own `{client}` path or local file) and sends the same
 hello as at start-up; rank 0 checks it between later steps without waiting for it (the
 fingerprint, the tokenizer) and answers. The client then waits for the end of the round,
