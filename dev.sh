@@ -43,6 +43,10 @@ install_test_tools() {
   command -v prometheus-pushgateway >/dev/null || missing+=(prometheus-pushgateway)
   command -v java >/dev/null || missing+=(default-jre-headless)
   command -v ip >/dev/null && command -v tc >/dev/null || missing+=(iproute2)
+  # the WireGuard overlay test: wg / wg-quick, userspace WireGuard (no kernel module here), captures
+  command -v wg-quick >/dev/null || missing+=(wireguard-tools)
+  command -v wireguard-go >/dev/null || missing+=(wireguard-go)
+  command -v tcpdump >/dev/null || missing+=(tcpdump)
   [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
   mkdir -p "$TOOLS/bin"
   export PATH="$TOOLS/bin:$PATH"

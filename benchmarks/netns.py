@@ -131,6 +131,7 @@ class Network:
     hosts: list[Host] = field(init=False)
     _undo: list[Callable[[], object]] = field(default_factory=list)
     _delays: dict[str, DelayLine] = field(default_factory=dict)
+    _aliases: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         names = ["srv"] + [f"c{i}" for i in range(1, self.clients + 1)]
@@ -167,9 +168,64 @@ class Network:
             _ip(h.name, "route", "add", "default", "via", ROUTER, "dev", IFACE)
             self._routes(h)
         (self.workdir / "hosts").write_text("".join(f"{h.addr}:1\n" for h in self.hosts))
+        self._write_launcher()
+        self._mount_namespaces()
+
+    def alias(self, address: str, host: str) -> None:
+        """Another address of a host (e.g. on an overlay) that hostfiles and mpiexec may use."""
+        self._aliases[address] = host
+        self._write_launcher()
+
+    def _write_launcher(self) -> None:
+        names = {h.addr: h.name for h in self.hosts} | self._aliases
         launcher = self.workdir / "launch-in-netns.sh"
-        launcher.write_text(LAUNCHER.format(cases="\n".join(f"  {h.addr}) host={h.name} ;;" for h in self.hosts)))
+        launcher.write_text(LAUNCHER.format(cases="\n".join(f"  {a}) host={n} ;;" for a, n in names.items())))
         launcher.chmod(0o755)
+
+    def _mount_namespaces(self) -> None:
+        """Each host its own mount namespace, with a private /run/wireguard: userspace WireGuard
+        (wireguard-go) and `wg` find an interface by its socket there, and every host's interface
+        has the same name. `on` runs a command in a host's network and mount namespaces."""
+        mnt = self.workdir / "mnt"  # a private mount point: it holds the namespaces' bind mounts
+        mnt.mkdir()
+        sh("mount", "--bind", str(mnt), str(mnt))
+        self._undo.append(lambda: sh("umount", "--lazy", str(mnt), check=False))
+        sh("mount", "--make-private", str(mnt))
+        Path("/run/wireguard").mkdir(exist_ok=True)
+        for h in self.hosts:
+            (mnt / h.name).touch()
+            sh("unshare", f"--mount={mnt / h.name}", "--propagation", "private",
+               "mount", "-t", "tmpfs", "tmpfs", "/run/wireguard")  # fmt: skip
+            self._undo.append(lambda h=h: sh("umount", str(mnt / h.name), check=False))
+
+    def on(self, host: str, *cmd: str) -> list[str]:
+        """`cmd` run in the host (its network and mount namespaces), as from a shell there."""
+        return ["nsenter", f"--net=/run/netns/{host}", f"--mount={self.workdir / 'mnt' / host}", *cmd]
+
+    @contextmanager
+    def capture(self, directory: Path) -> Iterator[dict[str, Path]]:
+        """Every packet on every host's link (at its root end) while the block runs, one pcap
+        file per host (tcpdump; read them after the block)."""
+        files = {h.name: directory / f"{h.name}.pcap" for h in self.hosts}
+        procs = []
+        try:
+            for host, file in files.items():
+                log = file.with_suffix(".log").open("w+")
+                procs.append((subprocess.Popen(["tcpdump", "-i", host, "-n", "-s", "0", "-U", "-Z", "root", "-w",
+                                                str(file)], stdout=log, stderr=log), log))  # fmt: skip
+            deadline = time.monotonic() + 10
+            for proc, log in procs:  # capturing only once it says so
+                while "listening on" not in Path(log.name).read_text():
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"tcpdump did not start: {Path(log.name).read_text().strip()}")
+                    time.sleep(0.05)
+            yield files
+        finally:
+            for proc, _ in procs:
+                proc.terminate()
+            for proc, log in procs:
+                proc.wait(timeout=10)
+                log.close()
 
     def _routes(self, h: Host) -> None:
         """The root namespace's route to a host: its link, or its delay line when it has one."""
@@ -225,10 +281,12 @@ class Network:
         values = sh("ip", "netns", "exec", host, "cat", *paths).stdout.split()
         return dict(zip(COUNTERS, map(int, values)))
 
-    def mpirun(self, args: Sequence[str], env: Mapping[str, str] = TRANSPORT_ENV) -> list[str]:
-        """mpirun for one rank per host, in hostfile order: rank 0 = the server's host."""
-        cmd = [MPIRUN, "-f", str(self.workdir / "hosts"), "-n", str(len(self.hosts)), "-launcher", "ssh",
-               "-launcher-exec", str(self.workdir / "launch-in-netns.sh"), "-localhost", ROUTER]  # fmt: skip
+    def mpirun(self, args: Sequence[str], env: Mapping[str, str] = TRANSPORT_ENV, hostfile: Path | None = None,
+               localhost: str = ROUTER) -> list[str]:  # fmt: skip
+        """mpirun for one rank per host, in hostfile order: rank 0 = the server's host. mpiexec
+        runs where `localhost` is (default: the root namespace, for `run`; else wrap it in `on`)."""
+        cmd = [MPIRUN, "-f", str(hostfile or self.workdir / "hosts"), "-n", str(len(self.hosts)), "-launcher", "ssh",
+               "-launcher-exec", str(self.workdir / "launch-in-netns.sh"), "-localhost", localhost]  # fmt: skip
         for key, value in env.items():
             cmd += ["-genv", key, value]
         return cmd + list(args)
@@ -367,8 +425,10 @@ def leftovers() -> list[str]:
     """Namespaces and interfaces of ours that still exist (empty after a clean exit)."""
     names = sh("ip", "netns", "list").stdout.split()
     links = sh("ip", "-o", "link", "show").stdout.splitlines()
+    mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
     return (
         [n for n in names if n.startswith(PREFIX)]
+        + [f"mount {m}" for m in mounts if m.startswith(f"{STATE}/")]
         + [line.split(":")[1].strip().split("@")[0] for line in links if line.split(":")[1].strip().startswith(PREFIX)]
         + [f"rule {pref}" for pref in _rules()]
     )
@@ -384,14 +444,16 @@ def cleanup_stale() -> list[str]:
                 os.killpg(pid, signal.SIGKILL)
         except (OSError, ProcessLookupError):
             pass
+    stale = leftovers()
+    for mount in sorted((x[6:] for x in stale if x.startswith("mount ")), reverse=True):  # inner ones first
+        sh("umount", "--lazy", mount, check=False)
     for workdir in STATE.glob("net-*"):
         shutil.rmtree(workdir, ignore_errors=True)
-    stale = leftovers()
     _remove_rules(_rules())
     for name in stale:
         if name in sh("ip", "netns", "list").stdout.split():
             _remove_namespace(name)
-        elif not name.startswith("rule "):
+        elif not name.startswith(("rule ", "mount ")):
             sh("ip", "link", "del", name, check=False)
     _forward_restore()
     return stale
