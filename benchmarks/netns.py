@@ -5,7 +5,8 @@ Public API: `unavailable()` (why namespaces cannot be made here, or None), `netw
 links)` (a context manager yielding a `Network` of `Host`s with optional `Link` rate / delay /
 loss, whose `run` launches an mpirun job across them as a `Job`), `wire_vs_counted` and
 `overhead` (bytes on a link vs the ranks' byte counters), `splitlora(*sets)` / `WIRE_SETS`
-(the training command a job runs), `leftovers()` / `cleanup_stale()`, `sh`, `socket_in`.
+(the training command a job runs), `overlay` / `Overlay` (a WireGuard network over the hosts,
+made by `python -m splitlora_mpi.links`), `leftovers()` / `cleanup_stale()`, `sh`, `socket_in`.
 
 Each host (server `slm-srv`, clients `slm-c1`, `slm-c2`, ...) is a network namespace with one
 veth link `eth0` to the root namespace, which routes between the links (net.ipv4.ip_forward:
@@ -554,6 +555,45 @@ def socket_in(ns: str) -> socket.socket:
         finally:
             if _libc.setns(home.fileno(), _CLONE_NEWNET):
                 raise OSError(ctypes.get_errno(), "setns back")
+
+
+# ---------------------------------------------------------------- the WireGuard overlay
+
+
+@dataclass(frozen=True)
+class Overlay:
+    """The hosts' overlay as `links init` wrote it (nothing is up until `links(host, "up")`)."""
+
+    net: Network
+    dirs: dict[str, Path]  # host -> its directory (host-I/)
+    addresses: list[str]  # on the overlay, server first
+    env: dict[str, str]  # TRANSPORT_ENV with the overlay's MPI settings (mpi.env)
+
+    def links(self, host: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        """`python -m splitlora_mpi.links ARGS HOST_DIR`, run in the host."""
+        cmd = self.net.on(host, sys.executable, "-m", "splitlora_mpi.links", *args, str(self.dirs[host]))
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+    def mpirun(self, args: Sequence[str]) -> list[str]:
+        """mpirun in the server's host over the overlay: its hostfile, its address for the proxies."""
+        hostfile = self.dirs[self.net.server] / "hostfile"
+        return self.net.on(self.net.server, *self.net.mpirun(args, self.env, hostfile, self.addresses[0]))
+
+
+def overlay(net: Network, out: Path) -> Overlay:
+    """`links init` for the network's hosts (server first) into `out`; the launcher learns each
+    host's overlay address."""
+    (net.workdir / "hosts.links").write_text("".join(f"{h.addr}\n" for h in net.hosts))
+    made = subprocess.run([sys.executable, "-m", "splitlora_mpi.links", "init", str(net.workdir / "hosts.links"),
+                           "--out", str(out)], capture_output=True, text=True, timeout=60)  # fmt: skip
+    if made.returncode:
+        raise RuntimeError(f"links init: {made.stderr.strip()}")
+    dirs = {h.name: out / f"host-{i}" for i, h in enumerate(net.hosts)}
+    addresses = (dirs[net.server] / "hostfile").read_text().split()
+    for h, address in zip(net.hosts, addresses):
+        net.alias(address, h.name)
+    env = dict(line.split("=", 1) for line in (dirs[net.server] / "mpi.env").read_text().split())
+    return Overlay(net, dirs, addresses, {**TRANSPORT_ENV, **env})
 
 
 # ---------------------------------------------------------------- measurements

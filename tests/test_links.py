@@ -125,42 +125,26 @@ def test_over_the_overlay_no_activation_byte_is_readable_and_the_adapters_are_th
     adapters are bit-identical; no private key or secret is in any output or capture."""
     canary = canary_bytes(torch.float32)
     with netns.network(2) as net:
-        (tmp_path / "hosts").write_text("".join(f"{h.addr}\n" for h in net.hosts))
-        made = _links("init", str(tmp_path / "hosts"), "--out", str(tmp_path / "links"))
-        assert made.returncode == 0, made.stderr
-        dirs = {h.name: tmp_path / "links" / f"host-{i}" for i, h in enumerate(net.hosts)}
-        overlay = dict(line.split("=", 1) for line in (dirs["slm-srv"] / "mpi.env").read_text().split())
-        addresses = (dirs["slm-srv"] / "hostfile").read_text().split()
-        for h, address in zip(net.hosts, addresses):
-            net.alias(address, h.name)
-
-        def on(host: str, *args: str) -> subprocess.CompletedProcess:
-            cmd = net.on(host, sys.executable, "-m", "splitlora_mpi.links", *args, str(dirs[host]))
-            return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-
-        for host in dirs:
-            r = on(host, "up")
+        ov = netns.overlay(net, tmp_path / "links")
+        for host in ov.dirs:
+            r = ov.links(host, "up")
             assert r.returncode == 0 and "splitlora: up (userspace wireguard-go)" in r.stdout, r.stderr
-        check = on("slm-srv", "check")
+        check = ov.links("slm-srv", "check")
         assert check.returncode == 0 and check.stdout.count(": fresh") == 2, check.stdout + check.stderr
-        r = on("slm-c2", "down")
+        r = ov.links("slm-c2", "down")
         assert r.returncode == 0, r.stderr
         assert "splitlora" not in netns.sh("ip", "-n", "slm-c2", "-o", "link").stdout
-        assert on("slm-c2", "up").returncode == 0
+        assert ov.links("slm-c2", "up").returncode == 0
 
         runs = {}
-        for name, hostfile, localhost, env in (
-            ("overlay", dirs["slm-srv"] / "hostfile", addresses[0], {**netns.TRANSPORT_ENV, **overlay}),
-            ("plain", net.workdir / "hosts", net.hosts[0].addr, netns.TRANSPORT_ENV),
-        ):
+        args = [sys.executable, str(ROOT / "tests" / "canary_rank.py")]
+        args += [a for s in (*SETS, f"comm.secret_file={ov.dirs['slm-srv'] / 'job.secret'}") for a in ("--set", s)]
+        plain = net.mpirun(args, hostfile=net.workdir / "hosts", localhost=net.hosts[0].addr)
+        for name, cmd in (("overlay", ov.mpirun(args)), ("plain", net.on("slm-srv", *plain))):
             out = tmp_path / name
-            args = [sys.executable, str(ROOT / "tests" / "canary_rank.py")]
-            args += [a for s in (*SETS, f"run.out_dir={out}", f"comm.secret_file={dirs['slm-srv'] / 'job.secret'}")
-                     for a in ("--set", s)]  # fmt: skip
-            cmd = net.on("slm-srv", *net.mpirun(args, env=env, hostfile=hostfile, localhost=localhost))
             (tmp_path / f"{name}-pcap").mkdir()
             with net.capture(tmp_path / f"{name}-pcap") as pcaps:
-                job = net.run(cmd, timeout=240)
+                job = net.run([*cmd, "--set", f"run.out_dir={out}"], timeout=240)
             assert job.returncode == 0, f"{name}:\n{job.stdout[-2000:]}\n{job.stderr[-3000:]}"
             runs[name] = (job, pcaps, out)
 
@@ -182,10 +166,10 @@ def test_over_the_overlay_no_activation_byte_is_readable_and_the_adapters_are_th
     assert adapters[0].keys() == adapters[1].keys() and len(adapters[0]) > 0
     assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
 
-    secrets = [(d / "job.secret").read_text().strip() for d in dirs.values()][:1]
-    secrets += [_config(d / links.CONFIG)[0]["PrivateKey"] for d in dirs.values()]
+    secrets = [(ov.dirs["slm-srv"] / "job.secret").read_text().strip()]
+    secrets += [_config(d / links.CONFIG)[0]["PrivateKey"] for d in ov.dirs.values()]
     for name, (job, pcaps, out) in runs.items():
-        texts = [job.stdout, job.stderr, made.stdout, made.stderr, check.stdout]
+        texts = [job.stdout, job.stderr, check.stdout, check.stderr]
         files = [p for p in out.rglob("*") if p.is_file()] + list(pcaps.values())
         blobs = [t.encode() for t in texts] + [p.read_bytes() for p in files]
         for s in secrets:
