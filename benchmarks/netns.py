@@ -294,8 +294,9 @@ class Network:
 
     def run(self, cmd: Sequence[str], timeout: float, every: Callable[[], object] | None = None) -> Job:
         """Run a job under a hard timeout (calling `every` about twice a second while it runs);
-        afterwards no process of it is left in any host."""
+        afterwards no process of it is left in any host (what ran there before it still runs)."""
         out, err = self.workdir / "stdout", self.workdir / "stderr"
+        running = {h.name: _pids(h.name) for h in self.hosts}  # not the job's (e.g. wireguard-go)
         start = time.monotonic()
         with out.open("w") as o, err.open("w") as e:
             proc = subprocess.Popen(list(cmd), stdout=o, stderr=e, start_new_session=True, text=True)
@@ -313,7 +314,7 @@ class Network:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
             for h in self.hosts:
-                _kill_all(h.name)
+                _kill_all(h.name, spare=running[h.name])
             pidfile.unlink()
         return Job(proc.returncode, out.read_text(), err.read_text(), time.monotonic() - start)
 
@@ -506,11 +507,15 @@ def _forward_restore() -> None:
         saved.unlink()
 
 
-def _kill_all(ns: str) -> None:
-    """SIGKILL every process in the namespace (ranks orphaned by a killed proxy included)."""
-    for pid in sh("ip", "netns", "pids", ns, check=False).stdout.split():
+def _pids(ns: str) -> set[int]:
+    return {int(pid) for pid in sh("ip", "netns", "pids", ns, check=False).stdout.split()}
+
+
+def _kill_all(ns: str, spare: set[int] = frozenset()) -> None:
+    """SIGKILL every process in the namespace (ranks orphaned by a killed proxy included) but `spare`."""
+    for pid in _pids(ns) - spare:
         try:
-            os.kill(int(pid), signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
 

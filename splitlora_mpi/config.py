@@ -157,7 +157,10 @@ class CommConfig:
         1, "split each client batch so sending one part overlaps computing the next (1 = off)", min=1
     )
     secret_file: str | None = _f(
-        None, "file (mode 0600) with the job secret: clients prove they hold it at the handshake; null: no check"
+        None,
+        "file with the job secret: clients prove they hold it at the handshake; null: no check. Owned by the reading "
+        "user: no group or other bits (0600 / 0400); owned by another (a Kubernetes Secret mount, root:<fsGroup> "
+        "0440): no bits for others, no group write",
     )
 
 

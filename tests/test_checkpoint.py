@@ -21,7 +21,7 @@ from splitlora_mpi.run import checkpoint
 
 RANKS = 3
 # small rows and batches: many fast steps, so a signal lands mid-run
-STEPS = 120  # long enough that a signal at step 23 or 37 lands well before the end
+STEPS = 70  # long enough that a signal at step 23 or 37 lands well before the end
 FAST = ["--set", f"train.steps={STEPS}", "--set", "train.aggregate_every=5", "--set", "train.eval_every=0",
         "--set", "train.log_every=1", "--set", "data.max_seq_len=32", "--set", "train.batch_size=2"]  # fmt: skip
 

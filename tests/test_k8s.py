@@ -166,7 +166,7 @@ def test_edge_clients_read_their_own_device_and_nothing_shared(tmp_path):
     assert anti["topologyKey"] == "kubernetes.io/hostname"
     assert anti["labelSelector"]["matchLabels"] == {"app.kubernetes.io/component": "client"}
     volumes = {v["name"]: v for v in worker["volumes"]}
-    assert set(volumes) == {"config", "tmp", "local-data", "model"}  # not the shared PVC
+    assert set(volumes) == {"config", "tmp", "local-data", "model", "job-secret"}  # not the shared PVC
     assert volumes["local-data"]["hostPath"] == {"path": "/var/lib/splitlora/data", "type": "Directory"}
     mount = next(m for m in worker["containers"][0]["volumeMounts"] if m["name"] == "local-data")
     assert mount["readOnly"] is True

@@ -3,6 +3,7 @@ one line of an operator's checklist for a locked-down cluster."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import PurePosixPath
 
 import pytest
@@ -10,6 +11,7 @@ import yaml
 from test_k8s import OVERLAYS, _by_kind, render
 
 DNS_PORT = 53
+SECRET_MODE = 0o400  # the kubelet ORs in 0440 under fsGroup: root:<fsGroup> 0440 (run/secret.py)
 
 
 @pytest.fixture(scope="module", params=OVERLAYS)
@@ -132,3 +134,100 @@ def test_the_dashboard_configmap_carries_the_grafana_sidecar_label(overlay):
         assert "grafana_dashboard" in c["metadata"].get("labels", {}), (
             f"{name}: {c['metadata']['name']} has no sidecar label"
         )
+
+
+def _job_secret_problems(name: str, objects: list[dict]) -> list[str]:
+    """What keeps the rendered job from reading its secret the one intended way: the config's
+    comm.secret_file lies, in every container of the launcher and the workers, in a read-only
+    mount of one Secret volume (defaultMode 0400, not optional, the file one of its items)."""
+    path = (_job_config(objects).get("comm") or {}).get("secret_file")
+    if not path:
+        return [f"{name}: the config sets no comm.secret_file (any process that reaches rank 0 becomes a client)"]
+    problems, secrets = [], set()
+    for role, pod in _pods(objects).items():
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for c in pod["containers"]:
+            holding = [m for m in c.get("volumeMounts", []) if PurePosixPath(path).is_relative_to(m["mountPath"])]
+            if not holding:
+                problems.append(f"{name}: the {role} container {c['name']} mounts nothing at comm.secret_file {path}")
+                continue
+            mount = max(holding, key=lambda m: len(PurePosixPath(m["mountPath"]).parts))  # (the innermost serves it)
+            volume = volumes[mount["name"]]
+            source = volume.get("secret")
+            if source is None:
+                kind = next(k for k in volume if k != "name")
+                problems.append(f"{name}: the {role} reads comm.secret_file {path} from volume {mount['name']} "
+                                f"({kind}), not a Secret")  # fmt: skip
+                continue
+            secrets.add(source["secretName"])
+            if not mount.get("readOnly"):
+                problems.append(f"{name}: the {role} mounts the job Secret writable at {mount['mountPath']}")
+            if source.get("defaultMode") != SECRET_MODE:
+                mode = source.get("defaultMode")
+                problems.append(f"{name}: the {role}'s job Secret volume has defaultMode {mode!r}, expected 0400")
+            if source.get("optional", False) is not False:
+                problems.append(f"{name}: the {role}'s job Secret volume is optional: the pods would start without it")
+            inside = str(PurePosixPath(path).relative_to(mount["mountPath"]))
+            items = {i["path"] for i in source.get("items", [])}
+            if inside not in items:
+                problems.append(f"{name}: the {role}'s job Secret volume projects {sorted(items)}, not {inside!r}")
+    if len(secrets) > 1:
+        problems.append(f"{name}: the pods mount different Secrets {sorted(secrets)} as the job secret")
+    return problems
+
+
+def test_every_rank_reads_the_job_secret_from_a_read_only_secret_mount(overlay):
+    """The job secret (comm.secret_file) comes from a Kubernetes Secret the user creates, mounted
+    read-only in the launcher and every worker; no secret value is in the manifests."""
+    name, objects = overlay
+    assert _job_secret_problems(name, objects) == []
+    assert not _by_kind(objects, "Secret")  # (created once by the user: README, Deploying on Kubernetes)
+
+
+def _with_config(objects: list[dict], secret_file: str | None) -> None:
+    (cm,) = [c for c in _by_kind(objects, "ConfigMap") if "config.yaml" in c.get("data", {})]
+    config = yaml.safe_load(cm["data"]["config.yaml"])
+    config.setdefault("comm", {})["secret_file"] = secret_file
+    cm["data"]["config.yaml"] = yaml.safe_dump(config)
+
+
+def _secret_mount(pod: dict) -> dict:
+    return next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "job-secret")
+
+
+def _secret_volume(pod: dict) -> dict:
+    return next(v for v in pod["volumes"] if v["name"] == "job-secret")["secret"]
+
+
+MUTATIONS = {
+    "writable mount": (lambda o: _secret_mount(_pods(o)["Worker"]).update(readOnly=False),
+                       "the Worker mounts the job Secret writable at /etc/splitlora-secret"),
+    "mount left out": (lambda o: _pods(o)["Launcher"]["containers"][0]["volumeMounts"].remove(
+                           _secret_mount(_pods(o)["Launcher"])),
+                       "the Launcher container launcher mounts nothing at comm.secret_file"),
+    "config path outside the mount": (lambda o: _with_config(o, "/etc/splitlora/job.secret"),
+                                      "comm.secret_file /etc/splitlora/job.secret from volume config (configMap)"),
+    "config path on scratch": (lambda o: _with_config(o, "/tmp/job.secret"),
+                               "from volume tmp (emptyDir), not a Secret"),
+    "config path unmounted": (lambda o: _with_config(o, "/run/job.secret"), "mounts nothing at comm.secret_file"),
+    "no secret configured": (lambda o: _with_config(o, None), "the config sets no comm.secret_file"),
+    "file not projected": (lambda o: _with_config(o, "/etc/splitlora-secret/other.secret"),
+                           "projects ['job.secret'], not 'other.secret'"),
+    "mode 0644": (lambda o: _secret_volume(_pods(o)["Worker"]).update(defaultMode=0o644),
+                  "job Secret volume has defaultMode 420, expected 0400"),
+    "optional": (lambda o: _secret_volume(_pods(o)["Launcher"]).update(optional=True),
+                 "job Secret volume is optional"),
+    "another Secret": (lambda o: _secret_volume(_pods(o)["Worker"]).update(secretName="other"),
+                       "the pods mount different Secrets"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("mutation", sorted(MUTATIONS))
+def test_the_job_secret_check_fails_on_a_broken_render(overlay, mutation):
+    """The check above can fail: each mutation of a rendered overlay is reported."""
+    name, objects = overlay
+    objects = copy.deepcopy(objects)
+    mutate, expected = MUTATIONS[mutation]
+    mutate(objects)
+    problems = _job_secret_problems(name, objects)
+    assert any(expected in p for p in problems), problems

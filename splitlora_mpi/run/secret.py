@@ -6,6 +6,11 @@ missing answer by rank, before any client has learnt anything of the job but the
 The secret never leaves its file: not in config.yaml (which names the path), a log line, the
 summary or a metric. Encrypting what travels is the network's job (a WireGuard overlay, an
 encrypting CNI).
+
+Who may read the file: OpenSSH's rule for private keys, widened for files another user owns.
+A file this process's user owns must have no group or other bits (0600, 0400); one another
+user owns, no bits for others and no group write (0440: a Kubernetes Secret volume in a pod
+with `fsGroup`, whose files the kubelet makes root:<fsGroup> and ORs 0440 into).
 """
 
 from __future__ import annotations
@@ -23,22 +28,38 @@ MIN_BYTES = 16
 
 
 def read_secret(path: str | None) -> bytes | None:
-    """The secret (None: no secret configured). Its file must be private to its owner."""
+    """The secret (None: no secret configured). Its file must be private (module docstring)."""
     if path is None:
         return None
     file = Path(path).expanduser()
     try:
-        mode = file.stat().st_mode & 0o777
+        st = file.stat()
         secret = file.read_bytes().strip()
     except OSError as e:
         raise ConfigError(f"config key 'comm.secret_file': cannot read {file}: {e.strerror or e}") from None
-    if mode & 0o077:
-        raise ConfigError(f"config key 'comm.secret_file': {file} has mode {mode:04o}, others may read it; "
-                          f"expected 0600 (chmod 600 {file})")  # fmt: skip
+    problem = permission_problem(file, st.st_mode & 0o777, st.st_uid, os.geteuid())
+    if problem:
+        raise ConfigError(problem)
     if len(secret) < MIN_BYTES:
         raise ConfigError(f"config key 'comm.secret_file': {file} holds {len(secret)} bytes; expected a secret of "
                           f"at least {MIN_BYTES} (e.g. head -c 32 /dev/urandom | base64 > {file})")  # fmt: skip
     return secret
+
+
+def permission_problem(file: Path, mode: int, owner: int, reader: int) -> str | None:
+    """The one-line refusal of a secret file with these permission bits and owner, read by the
+    user `reader` (None: private enough)."""
+    if owner == reader:
+        if mode & 0o077:
+            return (f"config key 'comm.secret_file': {file} has mode {mode:04o}, others may read it; "
+                    f"expected 0600 (chmod 600 {file})")  # fmt: skip
+        return None
+    if mode & 0o027:
+        what = "others may access it" if mode & 0o007 else "its group may write it"
+        return (f"config key 'comm.secret_file': {file} has mode {mode:04o} and belongs to uid {owner}, not this "
+                f"process's uid {reader}: {what}; expected no permission for others and no group write, as in 0440 "
+                f"(chmod o-rwx,g-w {file}; a Kubernetes Secret volume: defaultMode 0400)")  # fmt: skip
+    return None
 
 
 def nonce(secret: bytes | None) -> bytes | None:
