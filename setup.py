@@ -25,7 +25,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["splitlora_mpi", "splitlora_mpi.*"]),
-    package_data={"splitlora_mpi": ["default.yaml", "assets/e2e_sample/*"]},
+    package_data={"splitlora_mpi": ["default.yaml", "assets/e2e_sample/*", "assets/families.json"]},
     install_requires=[
         "torch>=2.4,<3",  # CPU machines: `pip install torch==2.13.0` first (see README)
         "transformers>=5.0,<6",

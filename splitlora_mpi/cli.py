@@ -32,6 +32,7 @@ the other commands (each with --help):
   python -m splitlora_mpi.evaluate RUN_DIR          E2E NLG scores of a finished run
   python -m splitlora_mpi.generate RUN_DIR --prompt TEXT
                                                     completions of a finished run's model
+  python -m splitlora_mpi.plan --model DIR ...      what a client and the server hold at each cut
   python -m splitlora_mpi.plot RUN_DIR ...          convergence figure of runs
   python -m splitlora_mpi.prepare_model             a GGUF checkpoint as a model directory"""
 ABORT_GRACE_S = 0.5

@@ -17,48 +17,28 @@ import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
-from transformers.masking_utils import create_causal_mask
+from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from .config import JobConfig
 from .errors import ConfigError
 from .fsutil import local_or_hub
 from .layout import Role, blocks_of, cannot_load_model, check_positions
+from .structure import Layout, layout_of, run_blocks, soft_cap
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Family:
-    """Where a model family keeps its parts, under `model.base_model`."""
-
-    blocks: str
-    final_norm: str
-    client_only: tuple[str, ...]  # modules besides the input embedding that only the client needs
-    rotary: str | None = None
-
-
-GPT2 = Family(blocks="h", final_norm="ln_f", client_only=("wpe", "drop"))
-LLAMA = Family(blocks="layers", final_norm="norm", client_only=(), rotary="rotary_emb")
-FAMILIES = {"gpt2": GPT2, "llama": LLAMA, "qwen2": LLAMA, "mistral": LLAMA}
 _RNG_LOCK = threading.Lock()
-
-
-def family_of(config: PretrainedConfig) -> Family:
-    if config.model_type not in FAMILIES:
-        raise ConfigError(
-            f"model: model_type '{config.model_type}' is not supported; expected one of {', '.join(FAMILIES)}"
-        )
-    return FAMILIES[config.model_type]
 
 
 def hf_config(cfg: JobConfig, vocab_size: int, eos_id: int, pad_id: int) -> PretrainedConfig:
@@ -70,6 +50,11 @@ def hf_config(cfg: JobConfig, vocab_size: int, eos_id: int, pad_id: int) -> Pret
             raise cannot_load_model(cfg.model.name_or_path, e) from None
     kwargs = dict(cfg.model.config)
     model_type = kwargs.pop("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise ConfigError(
+            f"config key 'model.config.model_type': '{model_type}' is no model type of transformers "
+            f"{transformers.__version__}; expected e.g. llama, qwen3, gemma3_text, phi3"
+        )
     kwargs.setdefault("vocab_size", vocab_size)
     kwargs.setdefault("eos_token_id", eos_id)
     kwargs.setdefault("bos_token_id", eos_id)
@@ -94,10 +79,10 @@ def build_base(
     device: torch.device,
     client: int = 0,
     tensors_read: list[str] | None = None,
-) -> PreTrainedModel:
-    """The HF model holding only `role`'s modules (all of them for "full"), weights filled;
-    `client`: which client (split points may differ per client). With pretrained weights the
-    checkpoint keys read are appended to `tensors_read`."""
+) -> tuple[PreTrainedModel, Layout]:
+    """The HF model holding only `role`'s modules (all of them for "full"), weights filled,
+    and where its parts are; `client`: which client (split points may differ per client).
+    With pretrained weights the checkpoint keys read are appended to `tensors_read`."""
     n = num_blocks(config)
     keep = blocks_of(cfg, n, role, client)
     check_positions(cfg, getattr(config, "max_position_embeddings", None))
@@ -105,31 +90,58 @@ def build_base(
         lm = AutoModelForCausalLM.from_config(config)
     tied = lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
     heads = role == "full" or (role == "client") == cfg.split.label_private
-    _prune(lm, family_of(config), role, keep, heads, tied)
+    layout = layout_of(lm)
+    _prune(lm, layout, role, keep, heads, tied)
+    lm.to(getattr(torch, cfg.model.dtype))  # still on meta: a bfloat16 side never holds a float32 copy
     lm.to_empty(device=device)
     if tied and heads:
         lm.tie_weights()  # to_empty gave the head its own storage
+    _poison(lm)
     _seeded_init(lm, cfg.run.seed, tied)
     if cfg.model.name_or_path is not None:
         read = _load_tensors(lm, cfg.model.name_or_path, tied)
         if tensors_read is not None:
             tensors_read.extend(read)
-    return lm.to(getattr(torch, cfg.model.dtype))
+    _check_filled(lm)
+    return lm, layout
 
 
-def _prune(lm: PreTrainedModel, fam: Family, role: Role, keep: list[int], heads: bool, tied: bool) -> None:
+def _tensors(lm: PreTrainedModel) -> Iterator[tuple[str, torch.Tensor]]:
+    yield from lm.named_parameters()
+    yield from lm.named_buffers()
+
+
+def _poison(lm: PreTrainedModel) -> None:
+    """NaN in every float tensor to_empty left uninitialised, so that one neither the family's
+    init nor the checkpoint fills is found (below) instead of training on leftover memory."""
+    with torch.no_grad():
+        for _, t in _tensors(lm):
+            if t.is_floating_point():
+                t.fill_(float("nan"))
+
+
+def _check_filled(lm: PreTrainedModel) -> None:
+    empty = [name for name, t in _tensors(lm) if t.is_floating_point() and t.isnan().any()]
+    if empty:
+        raise ConfigError(
+            f"model: cannot build model_type '{lm.config.model_type}': {', '.join(empty[:3])} "
+            "filled neither by transformers' init nor by the checkpoint"
+        )
+
+
+def _prune(lm: PreTrainedModel, layout: Layout, role: Role, keep: list[int], heads: bool, tied: bool) -> None:
     """Drop the other side's modules; blocks become a ModuleDict keyed by their global index.
     "full" stays a plain HF model (usable with its own forward, generate, save_pretrained)."""
     if role == "full":
         return
     base = lm.base_model
-    blocks = getattr(base, fam.blocks)
-    setattr(base, fam.blocks, nn.ModuleDict({str(i): blocks[i] for i in keep}))
+    blocks = getattr(base, layout.blocks)
+    setattr(base, layout.blocks, nn.ModuleDict({str(i): blocks[i] for i in keep}))
     if not heads:
-        setattr(base, fam.final_norm, None)
+        setattr(base, layout.final_norm, None)
         lm.lm_head = None
     if role == "server":
-        for name in fam.client_only:
+        for name in layout.client_only():
             setattr(base, name, None)
         if not (tied and heads):  # a tied head shares the embedding weight: keeping the module costs nothing
             lm.set_input_embeddings(None)
@@ -213,14 +225,16 @@ def _safetensors_files(name_or_path: str) -> list[Path]:
 # ---------------------------------------------------------------- one side with LoRA
 
 
-def peft_lora_config(cfg: JobConfig) -> PeftLoraConfig:
+def peft_lora_config(cfg: JobConfig, model_type: str) -> PeftLoraConfig:
+    """`lora.target_modules`, else PEFT's default for the family, else every linear layer of the
+    blocks (families PEFT has no default for, e.g. Phi-3's fused projections)."""
+    targets: list[str] | str | None = cfg.lora.target_modules
+    if targets is None and model_type not in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
+        targets = "all-linear"
     return PeftLoraConfig(
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        target_modules=cfg.lora.target_modules,
+        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=targets,
         task_type="CAUSAL_LM",
-    )
+    )  # fmt: skip
 
 
 class SplitPart(nn.Module):
@@ -231,16 +245,15 @@ class SplitPart(nn.Module):
     def __init__(self, cfg: JobConfig, config: PretrainedConfig, role: Role, device: torch.device, client: int = 0):
         super().__init__()
         self.role = role
-        self.family = family_of(config)
         self.num_blocks = num_blocks(config)
         self.tail_start = self.num_blocks - (cfg.split.tail_layers if cfg.split.label_private else 0)
         self.tensors_read: list[str] = []  # checkpoint keys this part read (pretrained weights)
-        lm = build_base(cfg, config, role, device, client, self.tensors_read)
+        lm, self.layout = build_base(cfg, config, role, device, client, self.tensors_read)
         self.has_head = lm.get_output_embeddings() is not None
         self.cut = cfg.split.cut_of(client)  # (client: the blocks before the cut)
         with _seeded(_module_seed(cfg.run.seed, f"lora:{role}")):  # same LoRA init on every client and in central
             try:
-                self.peft: PeftModel = get_peft_model(lm, peft_lora_config(cfg))
+                self.peft: PeftModel = get_peft_model(lm, peft_lora_config(cfg, config.model_type))
             except ValueError as e:
                 raise ConfigError(f"config key 'lora.target_modules': {e}") from None
 
@@ -253,10 +266,7 @@ class SplitPart(nn.Module):
         privacy: -> the activations before the client's tail); full: token ids -> logits."""
         if self.role == "server":
             return self.forward_joined([(self.first_block, x, attention_mask)])
-        base = self.lm.base_model
-        h = base.get_input_embeddings()(x)
-        if self.family is GPT2:
-            h = base.drop(h + base.wpe(torch.arange(x.shape[1], device=x.device).unsqueeze(0)))
+        h = self._embed(x)
         if self.role == "client":
             return self._blocks(h, attention_mask, 0, self.cut)
         return self._head(self._blocks(h, attention_mask, 0, self.num_blocks))
@@ -282,30 +292,28 @@ class SplitPart(nn.Module):
         return self.blocks_held()[0]
 
     def blocks_held(self) -> list[int]:
-        blocks = getattr(self.lm.base_model, self.family.blocks)
+        blocks = getattr(self.lm.base_model, self.layout.blocks)
         return [int(i) for i in blocks] if isinstance(blocks, nn.ModuleDict) else list(range(len(blocks)))
 
-    def _blocks(self, h: torch.Tensor, attention_mask: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """Run the blocks with global index in [start, stop) (causal mask and rotary built once here)."""
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         base = self.lm.base_model
-        blocks = getattr(base, self.family.blocks)
-        run = [blocks[str(i)] if isinstance(blocks, nn.ModuleDict) else blocks[i] for i in range(start, stop)]
-        if not run:
-            return h
-        pos = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
-        mask = create_causal_mask(
-            config=self.lm.config, inputs_embeds=h, attention_mask=attention_mask, cache=None, position_ids=pos
-        )
-        extra = {}
-        if self.family.rotary:
-            extra["position_embeddings"] = getattr(base, self.family.rotary)(h, position_ids=pos)
-        for block in run:
-            h = block(h, attention_mask=mask, position_ids=pos, **extra)
-            h = h[0] if isinstance(h, tuple) else h
+        h = base.get_input_embeddings()(ids)
+        if self.layout.positions:
+            h = h + getattr(base, self.layout.positions)(torch.arange(ids.shape[1], device=ids.device).unsqueeze(0))
+        for name in self.layout.embedding_side:
+            h = getattr(base, name)(h)
         return h
 
+    def _blocks(self, h: torch.Tensor, attention_mask: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Run the blocks with global index in [start, stop)."""
+        blocks = getattr(self.lm.base_model, self.layout.blocks)
+        held = isinstance(blocks, nn.ModuleDict)
+        run = [(i, blocks[str(i)] if held else blocks[i]) for i in range(start, stop)]
+        return run_blocks(self.lm.base_model, self.layout, run, h, attention_mask) if run else h
+
     def _head(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm.get_output_embeddings()(getattr(self.lm.base_model, self.family.final_norm)(h))
+        logits = self.lm.get_output_embeddings()(getattr(self.lm.base_model, self.layout.final_norm)(h))
+        return soft_cap(self.lm.config, logits)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

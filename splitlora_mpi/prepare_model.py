@@ -82,6 +82,8 @@ def convert(gguf: Path, out: Path, sha256: str | None = None, source: str | None
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from .structure import layout_of
+
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     start = time.perf_counter()
@@ -101,13 +103,16 @@ def convert(gguf: Path, out: Path, sha256: str | None = None, source: str | None
     tied = set(getattr(model, "_tied_weights_keys", None) or {})
     if unexpected or set(missing) - tied:
         raise RuntimeError(f"GGUF state dict does not fit its config: missing {missing}, unexpected {unexpected}")
+    layout_of(model)  # a family the split cannot run is refused here, before anything is written
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         facts = {"file": gguf.name, "sha256": digest, "source": source or str(gguf.resolve())}
         write_atomic(tmp / SOURCE_FILE, json.dumps(facts, indent=2) + "\n")
         readable_by_all(tmp)
-    say(f"converted in {time.perf_counter() - start:.1f} s: {out}")
+    size = sum(p.numel() for p in model.parameters())
+    say(f"converted {config.model_type} ({config.num_hidden_layers} blocks, {size / 1e6:.0f} M parameters) "
+        f"in {time.perf_counter() - start:.1f} s: {out}")  # fmt: skip
     return out
 
 

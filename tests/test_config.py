@@ -60,7 +60,7 @@ def test_model_config_with_model_type_replaces_default(tmp_path):
         ("data.max_seq_len=4", "data.max_seq_len", "≥ 8"),
         ("metrics.port=70000", "metrics.port", "≤ 65535"),
         ("train.eval_every=7", "train.eval_every", "multiple of train.aggregate_every"),
-        ("model.config.model_type=bert", "model.config.model_type", "one of gpt2"),
+        ("model.config.model_type=3", "model.config.model_type", "a transformers model type"),
         ("lora.dropout=1", "lora.dropout", "< 1"),
         ("split.client_layers=[1, 0]", "split.client_layers", "integers ≥ 1"),
         ("split.client_layers=[1, 2] ; run.mode=sl", "split.client_layers", "run.mode splitlora"),

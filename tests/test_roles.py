@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import run_adapter, run_local, run_rows, run_summary
 from peft import PeftModel
+from test_model import FAMILIES
 from transformers import AutoModelForCausalLM
 
 from splitlora_mpi.config import load_config
@@ -184,15 +185,25 @@ def test_clients_with_their_own_cut_points(tmp_path):
     assert run_adapter(out).keys() == {*far, *server}
 
 
-def test_llama_family_split_run(tmp_path):
-    llama = ("model.config={model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 3, "
-             "num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 128}")  # fmt: skip
-    out = _run(tmp_path, "splitlora", 2, llama, "split.client_layers=2")
-    adapter = run_adapter(out)
-    assert any(k.startswith("base_model.model.model.layers.0.") for k in adapter)  # client layers
-    assert any(k.startswith("base_model.model.model.layers.2.") for k in adapter)  # server layer
-    vals = _val_losses(out)
-    assert run_summary(out)["num_clients"] == 2 and len(vals) == 2 and vals[-1] < vals[0]
+@pytest.mark.parametrize(
+    ("family", "dtype"), [(f, "float32") for f in sorted(set(FAMILIES) - {"gpt2"})] + [("gemma3_text", "bfloat16")]
+)  # gpt2: the tests above
+def test_one_client_equals_central_in_every_family(tmp_path, family, dtype):
+    """A whole job on a tiny random model of each family: the split with one client trains
+    exactly as central, step for step and in every adapter tensor (same threads, same batches)."""
+    sets = [f"model.config={json.dumps(FAMILIES[family])}", "data.max_seq_len=64", "data.val_limit=8",
+            "train.steps=4", "train.log_every=1", "train.aggregate_every=2", "train.eval_every=0",
+            f"model.dtype={dtype}"]  # fmt: skip
+    split = run_local(tmp_path / "split", 1, *sets)
+    central = run_local(tmp_path / "central", 1, *sets, "run.mode=central")
+    rows, expected = run_rows(split), run_rows(central)
+    assert [(r["step"], r["train_loss"], r.get("val_loss")) for r in rows] == [
+        (r["step"], r["train_loss"], r.get("val_loss")) for r in expected
+    ]
+    assert rows[-1]["train_loss"] != rows[0]["train_loss"]
+    a, b = run_adapter(split), run_adapter(central)
+    assert a.keys() == b.keys() and any(".layers.0." in k for k in a) and any(".layers.2." in k for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_pretrained_local_model_and_bpe_tokenizer(tmp_path):

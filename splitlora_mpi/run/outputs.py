@@ -23,7 +23,7 @@ def write_model_outputs(cfg: JobConfig, config: Any, part: SplitPart, state: dic
     if base_ref is None:
         base_ref = str((out / "base").resolve())
         with atomic_dir(out / "base") as tmp:
-            build_base(cfg, config, "full", torch.device("cpu")).save_pretrained(tmp)
+            build_base(cfg, config, "full", torch.device("cpu"))[0].save_pretrained(tmp)
     with atomic_dir(out / "adapter") as tmp:
         export_adapter(tmp, part, state, base_ref)
 

@@ -23,6 +23,7 @@ from ..model import hf_config
 from ..modes import Mode, mode_of
 from ..modes.base import ClientRole, Lead, Setup, by_rank
 from ..roles.roster import Roster
+from ..structure import unchecked
 from ..wire import CHECKPOINT, EXPORT, FINISH, SERVER, STATS, Transport
 from ..wire.local import LocalWorld
 from ..wire.messages import Channel
@@ -302,6 +303,8 @@ def _setup(
     `read`: the examples the preflight read, encoded instead of reading the files again)."""
     tok = load_tokenizer(cfg.model.tokenizer)
     config = hf_config(cfg, tok.vocab_size, tok.eos_token_id, tok.pad_token_id)
+    if transport.rank == SERVER and (warning := unchecked(config)):
+        say(f"warning: {warning}")
     device = _device(transport.local_rank)
     channel = Channel(transport, cfg.comm.activation_dtype, getattr(torch, cfg.model.dtype), device)
     clients = list(range(1, transport.size))
