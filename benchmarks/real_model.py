@@ -36,10 +36,26 @@ from splitlora_mpi.scores import java_available, score_corpora
 ROOT = Path(__file__).resolve().parents[1]
 E2E = ROOT.parent / "shared" / "data" / "e2e"
 MODES = ("central", "splitlora", "sl", "fedlora")
-# scheme -> (run.mode, its settings); the official SplitLoRA code's schedule as an option of splitlora
-SCHEMES = {m: (m, {}) for m in MODES} | {
-    "splitlora-official": ("splitlora", {"split.server_update": "sequential", "train.fedavg_weights": "uniform"})
+# scheme -> (run.mode, its settings, what the settings are); the official SplitLoRA code's schedule
+# and the frozen base's precisions as options of splitlora (8-bit: the clients' embedding table too)
+TABLE_8BIT = {"model.client_embedding_8bit": "true"}
+SCHEMES = {m: (m, {}, "") for m in MODES} | {
+    "splitlora-official": (
+        "splitlora",
+        {"split.server_update": "sequential", "train.fedavg_weights": "uniform"},
+        "official schedule",
+    ),
+    "splitlora-bf16": ("splitlora", {"model.dtype": "bfloat16"}, "bf16 base"),
+    "splitlora-int8": ("splitlora", {"model.quantize": "int8", **TABLE_8BIT}, "int8 base, 8-bit table"),
+    "splitlora-nf4": ("splitlora", {"model.quantize": "nf4", **TABLE_8BIT}, "nf4 base, 8-bit table"),
 }
+
+
+def scheme_name(scheme: str) -> str:
+    mode, _, what = SCHEMES[scheme]
+    return paper_name(mode) + (f" ({what})" if what else "")
+
+
 RUN_TIMEOUT_S = 3 * 3600
 SCORES = {"bleu": "BLEU", "nist": "NIST", "meteor": "METEOR", "rouge_l": "ROUGE_L", "cider": "CIDEr"}
 
@@ -57,7 +73,7 @@ def held_out(work: Path, val_mrs: int, eval_mrs: int) -> tuple[Path, list[str], 
 def command(
     scheme: str, args: argparse.Namespace, model: Path, val: Path, out: Path, lr: float, steps: int
 ) -> list[str]:
-    mode, settings = SCHEMES[scheme]
+    mode, settings, _ = SCHEMES[scheme]
     steps, batch, per_eval = equal_tokens(mode, args.clients, steps, args.batch_size, args.eval_every)
     sets = {
         "run.mode": mode, "run.out_dir": out, "run.seed": args.seed,
@@ -167,17 +183,19 @@ def report(
         parts = s["model_parts"]
         client = parts.get("1", parts["0"])  # central: the one rank holds everything
         rows.append({
-            "scheme": mode, "name": paper_name(SCHEMES[mode][0]) + (" (official schedule)" if SCHEMES[mode][1] else ""),
+            "scheme": mode, "name": scheme_name(mode),
             **{k: scores[mode][m] for k, m in SCORES.items()},
             "val_loss": s["final_val_loss"], "val_ppl": math.exp(s["final_val_loss"]),
             "wall_s": s["wall_s"], "time_to_target_s": hit["wall_s"] if hit else None,
             "tokens": s["tokens"], "mb_sent": sum(s["bytes"].values()) / 1e6, "bytes": s["bytes"],
             "peak_rss_mb": s["peak_rss_mb"], "client_base_params": client["base_params"],
+            "base_mb": {"client": client.get("base_bytes", 0) / 1e6, "server": parts["0"].get("base_bytes", 0) / 1e6},
             "client_blocks": client["blocks"], "decode_s": round(seconds[mode], 1),
         })  # fmt: skip
     png = args.out_dir / f"{args.stem}.png"
     title = f"SmolLM2-135M-Instruct + LoRA on E2E, {args.clients} clients, equal tokens"
-    plot_runs([keep / m for m in args.modes], png, target_loss=target, title=title)
+    labels = [scheme_name(m) for m in args.modes]
+    plot_runs([keep / m for m in args.modes], png, target_loss=target, title=title, labels=labels)
     samples = [{"mr": mrs[i], "reference": refs[i][0], **{k: preds[k][i] for k in preds}} for i in range(5)]
     result = {
         "benchmark": "real_model",
@@ -202,23 +220,24 @@ def report(
 
 def markdown(rows: list[dict], target: float, samples: list[dict], modes: list[str]) -> str:
     head = ("| scheme | BLEU | NIST | METEOR | ROUGE-L | CIDEr | val loss (ppl) | wall s | to val "
-            f"{target:.3f}: s | MB sent | peak RSS MB client / server |")  # fmt: skip
-    lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|"]
+            f"{target:.3f}: s | MB sent | peak RSS MB client / server | base MB client / server |")  # fmt: skip
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         name = r.get("name", "base model (no fine-tuning)")
         scores = " | ".join(f"{r[k]:.4f}" for k in SCORES)
         loss = f"{r['val_loss']:.4f} ({r['val_ppl']:.2f})"
         if r["scheme"] == "base":
-            lines.append(f"| {name} | {scores} | {loss} | — | — | — | — |")
+            lines.append(f"| {name} | {scores} | {loss} | — | — | — | — | — |")
             continue
         tt = f"{r['time_to_target_s']:.0f}" if r["time_to_target_s"] is not None else "not reached"
         rss = r["peak_rss_mb"]
         lines.append(f"| {name} | {scores} | {loss} | {r['wall_s']:.0f} | {tt} | {r['mb_sent']:.1f} | "
-                     f"{rss['client_max']:.0f} / {rss['server']:.0f} |")  # fmt: skip
+                     f"{rss['client_max']:.0f} / {rss['server']:.0f} | "
+                     f"{r['base_mb']['client']:.0f} / {r['base_mb']['server']:.0f} |")  # fmt: skip
     out = "\n".join(lines) + "\n\nSamples (greedy):\n\n"
     for s in samples:
         out += f"- MR: `{s['mr']}`\n  - reference: {s['reference']}\n"
-        out += "".join(f"  - {paper_name(k) if k != 'base' else 'base model'}: {s[k]}\n" for k in ("base", *modes))
+        out += "".join(f"  - {scheme_name(k) if k != 'base' else 'base model'}: {s[k]}\n" for k in ("base", *modes))
     return out
 
 

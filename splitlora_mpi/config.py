@@ -59,7 +59,24 @@ class ModelConfig:
         "kwargs for AutoConfig.for_model(model_type, ...); vocab_size defaults to the tokenizer's",
     )
     tokenizer: str = _f("byte", "'byte' (built in) or a hub id / directory of a Hugging Face tokenizer")
-    dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "dtype of the base weights")
+    dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "dtype of the frozen base weights")
+    quantize: Literal["none", "int8", "nf4"] = _f(
+        "none", "the blocks' frozen linear weights in 8 (LLM.int8) or 4 bits (NF4), by bitsandbytes"
+    )
+    client_dtype: Literal["float32", "bfloat16", "float16"] | None = _f(None, "the clients' model.dtype; null = same")
+    client_quantize: Literal["none", "int8", "nf4"] | None = _f(None, "the clients' model.quantize; null = same")
+    server_dtype: Literal["float32", "bfloat16", "float16"] | None = _f(None, "the server's model.dtype; null = same")
+    server_quantize: Literal["none", "int8", "nf4"] | None = _f(None, "the server's model.quantize; null = same")
+    client_embedding_8bit: bool = _f(False, "clients hold the token embedding table in 8 bits (one scale per row)")
+
+    def precision(self, role: str) -> tuple[str, str]:
+        """(dtype, quantize) of a side's frozen base: "client" / "server" may override the
+        model's; "full" (central, fedlora, evaluation) takes the model's."""
+        dtype, quantize = {
+            "client": (self.client_dtype, self.client_quantize),
+            "server": (self.server_dtype, self.server_quantize),
+        }.get(role, (None, None))
+        return dtype or self.dtype, quantize or self.quantize
 
 
 @dataclass

@@ -33,6 +33,7 @@ from .config import JobConfig
 from .errors import ConfigError
 from .fsutil import local_or_hub
 from .layout import Role, blocks_of, cannot_load_model, check_positions
+from .quantize import QUANTIZED, embedding_8bit, quantize_linears, release_freed_memory
 from .structure import Layout, layout_of, run_blocks, soft_cap
 
 log = logging.getLogger(__name__)
@@ -92,32 +93,78 @@ def build_base(
     heads = role == "full" or (role == "client") == cfg.split.label_private
     layout = layout_of(lm)
     _prune(lm, layout, role, keep, heads, tied)
-    lm.to(getattr(torch, cfg.model.dtype))  # still on meta: a bfloat16 side never holds a float32 copy
-    lm.to_empty(device=device)
+    dtype, quantize = cfg.model.precision(role)
+    table_8bit = role == "client" and cfg.model.client_embedding_8bit
+    if table_8bit and tied and heads:
+        raise ConfigError("config key 'model.client_embedding_8bit': this client's LM head is its embedding table")
+    lm.to(getattr(torch, dtype))  # still on meta: a bfloat16 side never holds a float32 copy
+    # The blocks (and an 8-bit table) are filled one at a time and quantized at once: the base
+    # is never whole at a wider precision than it is kept in.
+    names = {id(m): name for name, m in lm.named_modules()}
+    blocks = getattr(lm.base_model, layout.blocks)
+    units = [names[id(b)] for b in (blocks.values() if isinstance(blocks, nn.ModuleDict) else blocks)]
+    if table_8bit:  # filled in float16, what LLM.int8 quantizes from: the same bytes, half the transient
+        units.append(names[id(lm.get_input_embeddings().to(torch.float16))])
+    checkpoint = Checkpoint(cfg.model.name_or_path) if cfg.model.name_or_path is not None else None
+    for name, module in lm.named_modules():
+        if not _inside(name, units):
+            module.to_empty(device=device, recurse=False)
     if tied and heads:
         lm.tie_weights()  # to_empty gave the head its own storage
-    _poison(lm)
-    _seeded_init(lm, cfg.run.seed, tied)
-    if cfg.model.name_or_path is not None:
-        read = _load_tensors(lm, cfg.model.name_or_path, tied)
-        if tensors_read is not None:
-            tensors_read.extend(read)
+    _fill(lm, "", lm, cfg.run.seed, checkpoint, skip=units)
+    for unit in units:
+        module = lm.get_submodule(unit)
+        module.to_empty(device=device)
+        _fill(module, unit + ".", lm, cfg.run.seed, checkpoint)
+        if module is lm.get_input_embeddings():
+            lm.set_input_embeddings(embedding_8bit(module, getattr(torch, dtype), device))
+        elif quantize in QUANTIZED:
+            quantize_linears(module, quantize, getattr(torch, dtype), device)
+        del module
+        release_freed_memory()  # (the unit's float weights; else RSS keeps them)
+    if quantize in QUANTIZED:  # PEFT then wraps the bitsandbytes layers
+        setattr(lm, f"is_loaded_in_{'8' if quantize == 'int8' else '4'}bit", True)
+    if checkpoint is not None and tensors_read is not None:
+        tensors_read.extend(checkpoint.read)
     _check_filled(lm)
     return lm, layout
 
 
-def _tensors(lm: PreTrainedModel) -> Iterator[tuple[str, torch.Tensor]]:
-    yield from lm.named_parameters()
-    yield from lm.named_buffers()
+def _inside(name: str, units: list[str]) -> bool:
+    return any(name == u or name.startswith(u + ".") for u in units)
 
 
-def _poison(lm: PreTrainedModel) -> None:
-    """NaN in every float tensor to_empty left uninitialised, so that one neither the family's
-    init nor the checkpoint fills is found (below) instead of training on leftover memory."""
+def _tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    yield from module.named_parameters()
+    yield from module.named_buffers()
+
+
+def _fill(
+    module: nn.Module,
+    prefix: str,
+    lm: PreTrainedModel,
+    seed: int,
+    checkpoint: Checkpoint | None,
+    skip: list[str] | None = None,
+) -> None:
+    """NaN first (a tensor that neither init nor checkpoint fills is then found), then HF's own
+    init module by module (children first, as HF does) with a seed per module name, so a
+    side's weights equal the same modules of the whole model; then the module's tensors from
+    the checkpoint. `skip`: modules (by name) filled later."""
+    skip = skip or []
     with torch.no_grad():
-        for _, t in _tensors(lm):
-            if t.is_floating_point():
+        for _, t in _tensors(module):
+            if t.is_floating_point() and not t.is_meta:
                 t.fill_(float("nan"))
+    head, table = lm.get_output_embeddings(), lm.get_input_embeddings()
+    tied_head = head if head is not None and table is not None and head.weight is table.weight else None
+    for name, child in _post_order(module, prefix):
+        if child is tied_head or _inside(name, skip):
+            continue  # a tied head's weight is the input embedding's
+        with _seeded(_module_seed(seed, name)):
+            lm._init_weights(child)
+    if checkpoint is not None:
+        checkpoint.fill(module, prefix, lm, skip)
 
 
 def _check_filled(lm: PreTrainedModel) -> None:
@@ -168,40 +215,39 @@ def _post_order(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.M
     yield prefix.rstrip("."), module
 
 
-def _seeded_init(lm: PreTrainedModel, seed: int, tied: bool) -> None:
-    """HF's own init, applied module by module (children first, as HF does) with a seed per
-    module name: a side's weights equal the same modules of the whole model."""
-    head = lm.get_output_embeddings() if tied else None
-    for name, module in _post_order(lm):
-        if module is head:
-            continue  # its weight is the input embedding's
-        with _seeded(_module_seed(seed, name)):
-            lm._init_weights(module)
+class Checkpoint:
+    """The (possibly sharded) safetensors files of `model.name_or_path`; a side reads only its tensors."""
 
+    def __init__(self, name_or_path: str):
+        self.name_or_path = name_or_path
+        self.file_of: dict[str, Path] = {}
+        for f in _safetensors_files(name_or_path):
+            with safe_open(str(f), "pt") as sf:
+                self.file_of.update({key: f for key in sf.keys()})
+        self.read: list[str] = []  # the keys read so far
 
-def _load_tensors(lm: PreTrainedModel, name_or_path: str, tied: bool) -> list[str]:
-    """Read only this side's tensors from the (possibly sharded) safetensors files; returns their keys."""
-    files = _safetensors_files(name_or_path)
-    key_to_file: dict[str, Path] = {}
-    for f in files:
-        with safe_open(str(f), "pt") as sf:
-            key_to_file.update({key: f for key in sf.keys()})
-    prefix = lm.base_model_prefix + "."
-    head = lm.get_output_embeddings()
-    wanted = dict(lm.named_parameters())
-    wanted.update({n: b for n, b in lm.named_buffers() if n in lm.state_dict()})
-    read = []
-    for name, tensor in wanted.items():
-        key = name if name in key_to_file else name.removeprefix(prefix)
-        if key not in key_to_file:
-            if tied and head is not None and tensor is head.weight:
+    def fill(self, module: nn.Module, prefix: str, lm: PreTrainedModel, skip: list[str]) -> None:
+        """Copy `module`'s tensors (its parameters and persistent buffers, not those in `skip`)."""
+        head = lm.get_output_embeddings()
+        persistent = module.state_dict(keep_vars=True)
+        for name, tensor in _tensors(module):
+            full = prefix + name
+            if name not in persistent or _inside(full, skip):
                 continue
-            raise ConfigError(f"config key 'model.name_or_path': tensor '{name}' not found in {name_or_path}")
-        with safe_open(str(key_to_file[key]), "pt", device=str(tensor.device)) as sf:
-            with torch.no_grad():
+            key = full if full in self.file_of else full.removeprefix(lm.base_model_prefix + ".")
+            if key not in self.file_of:
+                if head is not None and tensor is head.weight:
+                    continue  # tied: the embedding's
+                raise ConfigError(f"config key 'model.name_or_path': tensor '{full}' not found in {self.name_or_path}")
+            with safe_open(str(self.file_of[key]), "pt", device=str(tensor.device)) as sf, torch.no_grad():
+                stored = sf.get_slice(key)
+                if list(stored.get_shape()) != list(tensor.shape):
+                    raise ConfigError(
+                        f"config key 'model.name_or_path': tensor '{key}' has shape {stored.get_shape()} in "
+                        f"{self.name_or_path}, expected {list(tensor.shape)} by its config.json"
+                    )
                 tensor.copy_(sf.get_tensor(key))
-        read.append(key)
-    return read
+            self.read.append(key)
 
 
 def _safetensors_files(name_or_path: str) -> list[Path]:

@@ -52,6 +52,7 @@ WIRE_BYTES = {**DTYPE_BYTES, "int8": 1}
 QUANTIZE = ("none", "int8", "nf4")
 HEADER_BYTES = 64  # wire/__init__.py: one header per tensor message
 NF4_BLOCK = 64  # values per float32 absmax (bitsandbytes' default, no double quantisation)
+NF4_CODE_BYTES = 64  # each layer's 16-value NF4 code table, float32
 LORA_STATE_BYTES = 16  # float32 weight + grad + AdamW's exp_avg and exp_avg_sq
 # saved tensors of activations that are several ops in Python, beyond their input (per value)
 ACTIVATION_EXTRA = {"NewGELUActivation": 3, "QuickGELUActivation": 1}
@@ -210,7 +211,7 @@ def _linear(m: Any) -> bool:
 def _weight(name: str, p: Any, place: str, modules: dict[str, Any]) -> Weight:
     """A frozen tensor and how it may be stored: a block's nn.Linear / GPT-2 Conv1D weight
     (int8: a scale per output row), the input embedding table (8-bit: a scale per row)."""
-    owner = modules.get(name.rsplit(".", 1)[0])
+    owner = modules.get(name.rsplit(".", 1)[0].removesuffix(".base_layer"))  # (PEFT wrapped it)
     if place == "block" and name.endswith(".weight") and _linear(owner):
         return Weight(p.numel(), _in_out(owner)[1], "linear")
     if place == "embedding" and name.endswith(".weight") and p.dim() == 2:
@@ -295,7 +296,7 @@ def weight_bytes(w: Weight, prec: Precision, client: bool) -> int:
     if (w.kind == "linear" and prec.quantize == "int8") or (w.kind == "table" and client and prec.embedding_8bit):
         return w.numel + 4 * w.rows
     if w.kind == "linear" and prec.quantize == "nf4":
-        return math.ceil(w.numel / 2) + 4 * math.ceil(w.numel / NF4_BLOCK)
+        return math.ceil(w.numel / 2) + 4 * math.ceil(w.numel / NF4_BLOCK) + NF4_CODE_BYTES
     return w.numel * prec.bytes
 
 

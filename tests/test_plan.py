@@ -16,6 +16,7 @@ from splitlora_mpi import plan
 from splitlora_mpi.config import load_config
 from splitlora_mpi.data import Batch
 from splitlora_mpi.model import SplitPart, hf_config
+from splitlora_mpi.quantize import footprint
 from splitlora_mpi.roles.client import side_channel
 from splitlora_mpi.training import PartTrainer, lm_loss_sum
 from splitlora_mpi.wire import HEADER_BYTES
@@ -49,28 +50,23 @@ def _plan(capsys, *argv: str) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-def _frozen(part: SplitPart) -> tuple[int, int]:
-    """(values, bytes) of the frozen parameters. parameters() yields a tied head's weight once:
-    it is the embedding table, one tensor, as the planner counts it."""
-    frozen = [p for p in part.parameters() if not p.requires_grad]
-    return sum(p.numel() for p in frozen), sum(p.numel() * p.element_size() for p in frozen)
-
-
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(
+    ("dtype", "quantize"), [("float32", "none"), ("bfloat16", "none"), ("float32", "int8"), ("bfloat16", "nf4")]
+)
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_counts_equal_the_built_sides(tmp_path, capsys, family, dtype):
+def test_counts_equal_the_built_sides(tmp_path, capsys, family, dtype, quantize):
+    table_8bit = quantize != "none"  # (with an 8-bit client embedding table)
     for k in (1, 2):
-        cfg, config = _job(family, f"split.client_layers={k}", f"model.dtype={dtype}")
+        sets = [f"split.client_layers={k}", f"model.dtype={dtype}", f"model.quantize={quantize}"]
+        cfg, config = _job(family, *sets, f"model.client_embedding_8bit={table_8bit}")
         config.save_pretrained(tmp_path)
-        got = _plan(capsys, "--model", str(tmp_path), "--client-layers", str(k), "--dtype", dtype, "--seq", "64")[
-            "cuts"
-        ]
+        argv = ["--model", str(tmp_path), "--client-layers", str(k), "--dtype", dtype, "--quantize", quantize]
+        got = _plan(capsys, *argv, "--seq", "64", *(["--client-embedding-8bit"] if table_8bit else []))["cuts"]
         assert [row["client_layers"] for row in got] == [k]
         for role in ("client", "server"):
             part = SplitPart(cfg, config, role, CPU)
-            values, nbytes = _frozen(part)
             planned = got[0][role]
-            assert (planned["frozen_params"], planned["base_bytes"]) == (values, nbytes), (role, k)
+            assert (planned["frozen_params"], planned["base_bytes"]) == footprint(part.lm), (role, k)
             assert planned["lora_params"] == part.trainable_numel() > 0, (role, k)
             assert planned["lora_state_bytes"] == 16 * part.trainable_numel()
 

@@ -6,6 +6,8 @@ Runs use one torch thread per process: split == central is bit-exact only at equ
 from __future__ import annotations
 
 import json
+import math
+import sys
 import time
 from pathlib import Path
 
@@ -200,3 +202,46 @@ def test_chat_rows_train_on_the_assistant_turns_only(tmp_path, model_dir):
     assert pieces[:3] == ["<|im_start|>", "system", "Ċ"] and pieces.count("<|im_start|>") == 5
     cut = encode_examples(read_examples(path, "chat"), tok, 16, "chat")  # the system turn alone is longer
     assert cut.truncated == 1 and int((cut.labels[0] != -100).sum()) >= 1
+
+
+def test_a_4bit_server_beside_8bit_clients_on_the_real_model(tmp_path, model_dir, val_file, capsys):
+    """Precision per side in a real 3-rank job: the server's blocks in nf4, the clients' in int8
+    with an 8-bit embedding table. Each rank holds the bytes the planner computes from
+    config.json alone, and the adapter is a plain PEFT adapter for the float32 base."""
+    from peft import PeftModel, get_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    from splitlora_mpi import plan
+
+    sets = ["model.server_quantize=nf4", "model.client_quantize=int8", "model.client_embedding_8bit=true"]
+    out = _run(tmp_path, model_dir, val_file, 3, *[a for s in sets for a in ("--set", s)])
+    s = run_summary(out)
+    rows = run_rows(out)
+    assert rows[-1]["step"] == 4 and all(math.isfinite(r["train_loss"]) for r in rows)
+    argv = ["--model", str(model_dir), "--client-layers", str(CUT), "--server-quantize", "nf4",
+            "--client-quantize", "int8", "--client-embedding-8bit", "--json"]  # fmt: skip
+    assert plan.main(argv) == 0
+    planned = json.loads(capsys.readouterr().out)["cuts"][0]
+    parts = s["model_parts"]
+    assert parts["0"]["base_bytes"] == planned["server"]["base_bytes"] < 0.4 * 4 * parts["0"]["base_params"]
+    for rank in ("1", "2"):
+        assert parts[rank]["base_bytes"] == planned["client"]["base_bytes"] < 0.3 * 4 * parts[rank]["base_params"]
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    loaded = get_peft_model_state_dict(PeftModel.from_pretrained(base, out / "adapter"))
+    adapter = run_adapter(out)
+    assert loaded.keys() == adapter.keys() and all(torch.equal(loaded[k], adapter[k]) for k in adapter)
+
+
+def test_a_quantized_side_never_holds_a_float32_copy_while_it_loads(tmp_path):
+    """Peak RSS while a side loads (benchmarks/load_memory.py, a fresh process per case): below
+    the float32 model's size + 20 % for every quantized side, a 4-bit server's well below its
+    float32 twin's; an int8 client with an 8-bit table keeps a fraction of a float32 client's."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "load_memory.py"
+    cases = ["server:float32", "server:nf4", "client:float32", "client:int8+table"]
+    r = run_cmd([sys.executable, str(script), "--only", *cases, "--out", str(tmp_path / "m.json")], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((tmp_path / "m.json").read_text())
+    m, whole = result["cases"], result["float32_model_mb"]
+    assert m["server:nf4"]["peak"] < min(1.2 * whole, 0.6 * m["server:float32"]["peak"]), m
+    assert m["client:int8+table"]["peak"] < 1.2 * whole, m
+    assert m["client:int8+table"]["anon_after"] < 0.4 * m["client:float32"]["anon_after"], m

@@ -186,14 +186,17 @@ def test_clients_with_their_own_cut_points(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("family", "dtype"), [(f, "float32") for f in sorted(set(FAMILIES) - {"gpt2"})] + [("gemma3_text", "bfloat16")]
-)  # gpt2: the tests above
-def test_one_client_equals_central_in_every_family(tmp_path, family, dtype):
+    ("family", "dtype", "quantize"),
+    [(f, "float32", "none") for f in sorted(set(FAMILIES) - {"gpt2"})]
+    + [("gemma3_text", "bfloat16", "none"), ("llama", "float32", "int8"), ("gpt2", "bfloat16", "nf4")],
+)  # gpt2 float32: the tests above
+def test_one_client_equals_central_in_every_family(tmp_path, family, dtype, quantize):
     """A whole job on a tiny random model of each family: the split with one client trains
-    exactly as central, step for step and in every adapter tensor (same threads, same batches)."""
+    exactly as central, step for step and in every adapter tensor (same threads, same batches);
+    on a 16-bit and on an 8/4-bit frozen base too."""
     sets = [f"model.config={json.dumps(FAMILIES[family])}", "data.max_seq_len=64", "data.val_limit=8",
             "train.steps=4", "train.log_every=1", "train.aggregate_every=2", "train.eval_every=0",
-            f"model.dtype={dtype}"]  # fmt: skip
+            f"model.dtype={dtype}", f"model.quantize={quantize}"]  # fmt: skip
     split = run_local(tmp_path / "split", 1, *sets)
     central = run_local(tmp_path / "central", 1, *sets, "run.mode=central")
     rows, expected = run_rows(split), run_rows(central)
@@ -202,7 +205,8 @@ def test_one_client_equals_central_in_every_family(tmp_path, family, dtype):
     ]
     assert rows[-1]["train_loss"] != rows[0]["train_loss"]
     a, b = run_adapter(split), run_adapter(central)
-    assert a.keys() == b.keys() and any(".layers.0." in k for k in a) and any(".layers.2." in k for k in a)
+    blocks = ".h." if family == "gpt2" else ".layers."
+    assert a.keys() == b.keys() and any(f"{blocks}0." in k for k in a) and any(f"{blocks}2." in k for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

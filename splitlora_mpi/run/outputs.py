@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 from ..config import CLIENT, JobConfig
 from ..fsutil import atomic_dir
 from ..model import SplitPart, build_base, export_adapter
+from ..quantize import footprint
 from .runlog import RunLog
 
 
@@ -22,20 +24,22 @@ def write_model_outputs(cfg: JobConfig, config: Any, part: SplitPart, state: dic
         base_ref = str(Path(base_ref).expanduser())  # loaders other than ours do not expand it
     if base_ref is None:
         base_ref = str((out / "base").resolve())
-        with atomic_dir(out / "base") as tmp:
-            build_base(cfg, config, "full", torch.device("cpu"))[0].save_pretrained(tmp)
+        with atomic_dir(out / "base") as tmp:  # (unquantized: the adapter is for the base, not its 8/4-bit copy)
+            whole = replace(cfg, model=replace(cfg.model, quantize="none"))
+            build_base(whole, config, "full", torch.device("cpu"))[0].save_pretrained(tmp)
     with atomic_dir(out / "adapter") as tmp:
         export_adapter(tmp, part, state, base_ref)
 
 
 def holdings(role: str, parts: list[SplitPart]) -> dict[str, Any]:
-    """What one rank holds, for summary.json `model_parts`: its blocks, its base (non-LoRA)
-    parameters counted once by name, and the checkpoint keys it read."""
-    base = {n: p.numel() for part in parts for n, p in part.peft.named_parameters() if "lora_" not in n}
+    """What one rank holds, for summary.json `model_parts`: its blocks, its frozen base (values
+    and bytes as held: 8/4-bit weights with their scales) and the checkpoint keys it read."""
+    values, nbytes = footprint(*(part.peft for part in parts))
     return {
         "role": role,
         "blocks": sorted({b for part in parts for b in part.blocks_held()}),
-        "base_params": sum(base.values()),
+        "base_params": values,
+        "base_bytes": nbytes,
         "tensors_read": sorted({k for part in parts for k in part.tensors_read}),
     }
 

@@ -306,7 +306,8 @@ def _setup(
     if transport.rank == SERVER and (warning := unchecked(config)):
         say(f"warning: {warning}")
     device = _device(transport.local_rank)
-    channel = Channel(transport, cfg.comm.activation_dtype, getattr(torch, cfg.model.dtype), device)
+    dtype, _ = cfg.model.precision("server" if transport.rank == SERVER else "client")
+    channel = Channel(transport, cfg.comm.activation_dtype, getattr(torch, dtype), device)
     clients = list(range(1, transport.size))
     loaded: dict[str, EncodedData] = {}
 
