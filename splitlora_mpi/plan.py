@@ -444,8 +444,14 @@ def _verdict(result: dict[str, Any]) -> str:
     row = next(r for r in result["cuts"] if r["client_layers"] == k)
     keys = {"split.client_layers": k, **{key: s[key] for key in ("train.batch_size", "data.max_seq_len", "lora.r",
                                                                   "comm.activation_dtype")}}  # fmt: skip
-    if s["client"]["dtype"] == s["server"]["dtype"]:
-        keys["model.dtype"] = s["client"]["dtype"]
+    for what, default in (("dtype", "float32"), ("quantize", "none")):  # the job's keys for the precisions
+        client, server = s["client"][what], s["server"][what]
+        if client == server != default:
+            keys[f"model.{what}"] = client
+        elif client != server:
+            keys.update({f"model.client_{what}": client, f"model.server_{what}": server})
+    if s["client"]["embedding_8bit"]:
+        keys["model.client_embedding_8bit"] = "true"
     if s["targets_given"]:
         keys["lora.target_modules"] = f"[{s['lora.target_modules']}]"
     sets = " ".join(f"--set {key}={v}" for key, v in keys.items())

@@ -120,9 +120,16 @@ def test_llama3_8b_plans_in_seconds_and_recommends_a_cut_that_fits(llama3, capsy
         assert row["client"]["frozen_params"] + row["server"]["frozen_params"] == 8_030_261_248
     up = 4 * 512 * 4096 * 4 + 2 * 4 * 512 * 4 + 2 * HEADER_BYTES
     assert cuts[k]["up_bytes"] == up and cuts[k]["link_s"] == pytest.approx((2 * up - 8 * 4 * 512) * 8 / 20e6)
-    assert plan.main(["--model", str(llama3), "--client-memory", "2GiB", "--dtype", "bfloat16"]) == 0
+    argv = ["--model", str(llama3), "--client-memory", "2GiB", "--dtype", "bfloat16", "--server-quantize", "nf4",
+            "--client-quantize", "int8", "--client-embedding-8bit"]  # fmt: skip
+    assert plan.main(argv) == 0
     table = capsys.readouterr().out
     assert "fits" in table.splitlines()[4] and "recommended: K=" in table
+    sets = table.rsplit(": ", 1)[1].split()[1::2]  # the job's own keys: they load as they are
+    cfg = load_config(overrides=sets)
+    assert cfg.model.precision("client") == ("bfloat16", "int8")
+    assert cfg.model.precision("server") == ("bfloat16", "nf4")
+    assert cfg.model.client_embedding_8bit and cfg.split.client_layers >= k
 
 
 def test_a_client_too_small_for_any_cut_is_told_so(llama3, capsys):
