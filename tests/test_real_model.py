@@ -235,13 +235,13 @@ def test_a_4bit_server_beside_8bit_clients_on_the_real_model(tmp_path, model_dir
 def test_a_quantized_side_never_holds_a_float32_copy_while_it_loads(tmp_path):
     """Peak RSS while a side loads (benchmarks/load_memory.py, a fresh process per case): below
     the float32 model's size + 20 % for every quantized side, a 4-bit server's well below its
-    float32 twin's; an int8 client with an 8-bit table keeps a fraction of a float32 client's."""
+    float32 twin's; an int8 client with an 8-bit table keeps its quantized base, not a float copy."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "load_memory.py"
-    cases = ["server:float32", "server:nf4", "client:float32", "client:int8+table"]
+    cases = ["server:float32", "server:nf4", "client:int8+table"]
     r = run_cmd([sys.executable, str(script), "--only", *cases, "--out", str(tmp_path / "m.json")], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads((tmp_path / "m.json").read_text())
     m, whole = result["cases"], result["float32_model_mb"]
     assert m["server:nf4"]["peak"] < min(1.2 * whole, 0.6 * m["server:float32"]["peak"]), m
     assert m["client:int8+table"]["peak"] < 1.2 * whole, m
-    assert m["client:int8+table"]["anon_after"] < 0.4 * m["client:float32"]["anon_after"], m
+    assert m["client:int8+table"]["anon_after"] < 1.5 * m["client:int8+table"]["base_mb"] < 50, m  # (float32: 142)
