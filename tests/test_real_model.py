@@ -244,4 +244,5 @@ def test_a_quantized_side_never_holds_a_float32_copy_while_it_loads(tmp_path):
     m, whole = result["cases"], result["float32_model_mb"]
     assert m["server:nf4"]["peak"] < min(1.2 * whole, 0.6 * m["server:float32"]["peak"]), m
     assert m["client:int8+table"]["peak"] < 1.2 * whole, m
-    assert m["client:int8+table"]["anon_after"] < 1.5 * m["client:int8+table"]["base_mb"] < 50, m  # (float32: 142)
+    client = m["client:int8+table"]
+    assert client["anon_after"] < 1.5 * client["base_mb"] and client["base_mb"] < 40, m  # (float32 client: 142 MB)
