@@ -12,6 +12,13 @@ import sys
 from pathlib import Path
 
 MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or "mpirun"
+# the frozen base's precisions the precision benchmarks compare: name -> the job's --set options
+PRECISIONS = {
+    "float32": [],
+    "bfloat16": ["model.dtype=bfloat16"],
+    "int8": ["model.quantize=int8"],
+    "nf4": ["model.quantize=nf4"],
+}
 
 
 def machine() -> dict[str, object]:

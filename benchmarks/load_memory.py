@@ -21,17 +21,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import machine
+from common import PRECISIONS, machine
 
 ROOT = Path(__file__).resolve().parents[1]
-PRECISIONS = {
-    "float32": [],
-    "bfloat16": ["model.dtype=bfloat16"],
-    "int8": ["model.quantize=int8"],
-    "nf4": ["model.quantize=nf4"],
-    "int8+table": ["model.quantize=int8", "model.client_embedding_8bit=true"],
-}
-CASES = [f"{role}:{p}" for role in ("client", "server") for p in PRECISIONS if role == "client" or "table" not in p]
+SETS = {**PRECISIONS, "int8+table": ["model.quantize=int8", "model.client_embedding_8bit=true"]}
+CASES = [f"{role}:{p}" for role in ("client", "server") for p in SETS if role == "client" or "table" not in p]
 MEASURE = r"""
 import json, sys, torch
 from splitlora_mpi.config import load_config
@@ -55,7 +49,7 @@ print(json.dumps({"peak": status("VmHWM") - rss, "after": status("VmRSS") - rss,
 
 def measure(case: str, cut: int, model: Path) -> dict[str, float]:
     role, precision = case.split(":")
-    cmd = [sys.executable, "-c", MEASURE, role, str(cut), str(model), *PRECISIONS[precision]]
+    cmd = [sys.executable, "-c", MEASURE, role, str(cut), str(model), *SETS[precision]]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if r.returncode:
         sys.exit(f"{case} failed:\n{r.stderr[-2000:]}")

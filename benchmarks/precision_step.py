@@ -20,19 +20,13 @@ import time
 from pathlib import Path
 
 import torch
-from common import machine
+from common import PRECISIONS, machine
 
 from splitlora_mpi.config import load_config
 from splitlora_mpi.model import SplitPart, hf_config
 from splitlora_mpi.prepare_model import reference_model
 
 ROOT = Path(__file__).resolve().parents[1]
-PRECISIONS = {
-    "float32": [],
-    "bfloat16": ["model.dtype=bfloat16"],
-    "int8": ["model.quantize=int8"],
-    "nf4": ["model.quantize=nf4"],
-}
 ROWS = {"client": 2, "server": 8}
 SEQ = 96
 
